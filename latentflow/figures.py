@@ -1,0 +1,81 @@
+"""Figures: image grids, reconstruction strips, loss curves. Images are uint8 (N, H, W, C)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from einops import rearrange
+from PIL import Image
+
+__all__ = ["image_grid", "save_grid", "save_loss_curve", "save_reconstruction_figure"]
+
+
+def image_grid(images: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> np.ndarray:
+    """Tile (N, H, W, C) uint8 images into rows of ``ncol`` with a ``pad``-pixel border."""
+    n, h, w, c = images.shape
+    nrow = -(-n // ncol)
+    blank = np.full((nrow * ncol - n, h, w, c), fill, dtype=np.uint8)
+    tiles = np.concatenate([images, blank])
+    tiles = np.pad(tiles, ((0, 0), (pad, 0), (pad, 0), (0, 0)), constant_values=fill)
+    grid = rearrange(tiles, "(r k) h w c -> (r h) (k w) c", r=nrow, k=ncol)
+    return np.pad(grid, ((0, pad), (0, pad), (0, 0)), constant_values=fill)
+
+
+def save_grid(images: np.ndarray, path: Path, ncol: int, scale: int = 2) -> Path:
+    grid = image_grid(images, ncol)
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def save_reconstruction_figure(originals: np.ndarray, reconstructions: np.ndarray, path: Path, scale: int = 2) -> Path:
+    """Three rows: originals, reconstructions, |difference| (amplified x4 to be visible)."""
+    diff = np.abs(originals.astype(np.int16) - reconstructions.astype(np.int16))
+    diff = np.clip(diff * 4, 0, 255).astype(np.uint8)
+    strip = np.concatenate([originals, reconstructions, diff])
+    return save_grid(strip, path, ncol=len(originals), scale=scale)
+
+
+def save_loss_curve(log_file: Path, path: Path, title: Optional[str] = None) -> Path:
+    """Training loss (per log interval) and per-epoch mean, from a run's log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses, epoch_steps, epoch_losses = [], [], [], []
+    for line in Path(log_file).read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "step":
+            steps.append(rec["step"])
+            losses.append(rec["loss"])
+        elif rec.get("event") == "epoch":
+            epoch_steps.append(rec["step"])
+            epoch_losses.append(rec["loss"])
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, losses, lw=0.8, alpha=0.6, label="loss (log interval)")
+    ax.plot(epoch_steps, epoch_losses, "o-", ms=3, label="epoch mean")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("CFM loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def class_grid_labels(num_classes: int, per_class: int) -> Sequence[int]:
+    """Labels for a grid with one row per class: 0 0 0 ... 1 1 1 ... (or all-null rows)."""
+    if num_classes == 0:
+        return None
+    return [c for c in range(num_classes) for _ in range(per_class)]

@@ -1,0 +1,202 @@
+"""Diffusion Transformer (Peebles & Xie 2023, "Scalable Diffusion Models with
+Transformers") as a flow-matching velocity field, built on timm's ``Attention``, ``Mlp`` and
+``PatchEmbed``.
+
+Conditioning is adaLN-Zero: time and label embeddings are summed into one vector ``c`` that
+regresses per-block shift/scale/gate; the gates and the output layer start at zero, so the
+untrained network predicts zero velocity and every block starts as the identity.
+
+Labels ``0..num_classes-1`` are classes; ``num_classes`` is the null label used for
+classifier-free guidance (and for unconditional models, ``num_classes = 0``, it is the only
+label). ``forward(x, t, y=None)`` treats ``y=None`` as all-null.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+from timm.layers import Mlp, PatchEmbed
+from timm.models.vision_transformer import Attention
+
+from . import register
+
+__all__ = ["DiT", "DIT_PRESETS", "sincos_pos_embed_2d", "timestep_embedding"]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal features of ``t`` (B,) -> (B, dim); frequencies as in "Attention Is All
+    You Need", section 3.5."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding, (grid*grid, dim): half the channels encode the
+    row, half the column (MAE, He et al. 2022)."""
+    assert dim % 4 == 0, "position embedding needs hidden size divisible by 4"
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    omega = 1.0 / 10_000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+
+    def encode(pos):  # (grid*grid,) -> (grid*grid, dim/2)
+        out = pos.reshape(-1)[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (B, hidden). ``t`` is scaled by ``time_scale`` first so the sinusoid
+    frequencies span the same range as for DiT's integer timesteps."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256, time_scale: float = 1000.0):
+        super().__init__()
+        self.freq_dim, self.time_scale = freq_dim, time_scale
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t * self.time_scale, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden, int(hidden * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x: (B, N, D), c: (B, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=1)  # 6 x (B, D)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))  # (B, N, D)
+        x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))  # (B, N, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, patch: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, patch * patch * out_channels)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN(c).chunk(2, dim=1)  # 2 x (B, D)
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p*p*C)
+
+
+class DiT(nn.Module):
+    def __init__(
+        self,
+        input_size: int,
+        in_channels: int,
+        num_classes: int = 10,
+        patch_size: int = 2,
+        hidden_size: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(
+                f"patch size {patch_size} does not divide the latent size {input_size}; "
+                "pick a model preset with a smaller patch (e.g. /2) or a larger image size"
+            )
+        self.input_size, self.in_channels, self.patch_size = input_size, in_channels, patch_size
+        self.num_classes = num_classes
+        self.null_label = num_classes  # the extra embedding row used for "no label"
+        self.grid = input_size // patch_size
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def xavier(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+        self.apply(xavier)
+        w = self.x_embedder.proj.weight  # a conv that is a linear map on patches
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        # adaLN-Zero: gates and output start at zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN[-1].weight)
+            nn.init.zeros_(block.adaLN[-1].bias)
+        for layer in (self.final_layer.adaLN[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, C, H, W) latents, t: (B,) times in [0, 1], y: (B,) labels or None."""
+        if y is None:
+            y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
+        h = self.x_embedder(x) + self.pos_embed  # (B, N, D), N = (H/p)*(W/p)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        for block in self.blocks:
+            h = block(h, c)  # (B, N, D)
+        h = self.final_layer(h, c)  # (B, N, p*p*C)
+        return rearrange(
+            h, "b (gh gw) (p q c) -> b c (gh p) (gw q)", gh=self.grid, p=self.patch_size, q=self.patch_size
+        )  # (B, C, H, W)
+
+    def flops_per_sample(self) -> int:
+        """Forward multiply-adds x2 of the linear layers and attention matmuls (embeddings
+        and norms excluded): per block 2·N·(12·D² ... ) counted from the actual shapes."""
+        n, d = self.grid * self.grid, self.blocks[0].norm1.normalized_shape[0]
+        mlp_hidden = self.blocks[0].mlp.fc1.out_features
+        per_block = 2 * n * (4 * d * d + 2 * d * mlp_hidden) + 2 * 2 * n * n * d
+        final = 2 * n * d * self.final_layer.linear.out_features
+        patch = 2 * n * d * self.in_channels * self.patch_size**2
+        return len(self.blocks) * per_block + final + patch
+
+
+# name -> (depth, hidden, heads). S/B/L/XL as in DiT Table 1; the small ones train on a CPU.
+DIT_PRESETS = {
+    "XL": (28, 1152, 16),
+    "L": (24, 1024, 16),
+    "B": (12, 768, 12),
+    "S": (12, 384, 6),
+    "Mini": (6, 256, 4),  # ~7 M parameters: the embedded MNIST default
+    "Tiny": (4, 128, 4),
+    "Nano": (2, 64, 2),  # tests and smoke runs
+}
+
+
+def _preset(depth: int, hidden: int, heads: int, patch: int):
+    def build(input_size: int, in_channels: int, num_classes: int = 10) -> DiT:
+        return DiT(input_size, in_channels, num_classes, patch, hidden, depth, heads)
+
+    return build
+
+
+for _size, (_depth, _hidden, _heads) in DIT_PRESETS.items():
+    for _patch in (1, 2, 4, 8):
+        if _patch == 1 and _size not in ("Mini", "Tiny", "Nano"):
+            continue  # patch 1 only for the small latents of small presets
+        register(f"DiT-{_size}/{_patch}", _preset(_depth, _hidden, _heads, _patch))

@@ -1,0 +1,157 @@
+"""The frozen pretrained VAE: a diffusers ``AutoencoderKL`` loaded with ``from_pretrained``
+from a Hub id or a local directory (the embedded MNIST VAE goes through the same path).
+
+It is put in eval mode with gradients off and is never handed to ``accelerator.prepare``:
+it only encodes the dataset once (into the latent cache) and decodes samples. Its scaling
+and shift factors and its downsampling factor come from its own config, never from
+literals:
+
+    x = (z - shift_factor) * scaling_factor      (model space, roughly unit variance)
+    z = x / scaling_factor + shift_factor         (VAE space, what the decoder takes)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple
+from urllib.parse import urlparse
+
+import torch
+
+from .errors import LatentflowError
+
+__all__ = ["EMBEDDED_VAE", "FrozenVAE", "resolve_vae_path"]
+
+EMBEDDED_VAE = Path(__file__).resolve().parent / "assets" / "mnist-vae"
+
+
+class VAELoadError(LatentflowError):
+    pass
+
+
+def resolve_vae_path(name: str) -> str:
+    """'embedded' -> the shipped VAE directory; anything else unchanged."""
+    return str(EMBEDDED_VAE) if name == "embedded" else name
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_autoencoder(name: str, subfolder: Optional[str]):
+    from diffusers import AutoencoderKL
+
+    path = Path(resolve_vae_path(name)).expanduser()
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    if path.is_dir():
+        try:
+            return AutoencoderKL.from_pretrained(path, **kwargs)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise VAELoadError(
+                f"{path} is not a diffusers AutoencoderKL directory ({str(exc).splitlines()[0]}); "
+                "it needs config.json and diffusion_pytorch_model.safetensors (save_pretrained writes both)"
+            ) from None
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")
+    if looks_like_path:
+        raise VAELoadError(f"VAE directory {name} not found; pass vae.pretrained=DIR (a diffusers save_pretrained folder)")
+    try:  # already in the local Hugging Face cache?
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoencoderKL.from_pretrained(name, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    hint = (
+        f"cannot load VAE {name!r}: it is not in the local Hugging Face cache and the Hub is unreachable; "
+        f"on a connected machine run `huggingface-cli download {name} --local-dir DIR`, copy DIR here "
+        f"and pass vae.pretrained=DIR"
+    )
+    if not _hub_reachable():
+        raise VAELoadError(hint)
+    try:
+        return AutoencoderKL.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise VAELoadError(f"{hint} ({str(exc).splitlines()[0]})") from None
+
+
+class FrozenVAE:
+    """A frozen ``AutoencoderKL`` with the scale/shift and shape facts the trainer needs."""
+
+    def __init__(self, autoencoder, name: str):
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.name = name
+        config = autoencoder.config
+        self.scaling_factor = float(config.scaling_factor)
+        self.shift_factor = float(config.shift_factor or 0.0)
+        self.in_channels = int(config.in_channels)
+        self.latent_channels = int(config.latent_channels)
+        self.downsample = 2 ** (len(config.block_out_channels) - 1)
+        self._identity: Optional[str] = None
+
+    @classmethod
+    def from_pretrained(cls, name: str, subfolder: Optional[str] = None) -> "FrozenVAE":
+        return cls(_load_autoencoder(name, subfolder), name)
+
+    # --- facts ---------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.autoencoder.parameters()).device
+
+    def to(self, device) -> "FrozenVAE":
+        self.autoencoder.to(device)
+        return self
+
+    def latent_shape(self, image_size: int) -> Tuple[int, int, int]:
+        """(C, h, w) of the latents of an image_size x image_size image."""
+        if image_size % self.downsample:
+            raise LatentflowError(
+                f"image size {image_size} is not divisible by the VAE's downsampling factor "
+                f"{self.downsample} ({self.name}); set data.image_size to a multiple of it"
+            )
+        side = image_size // self.downsample
+        return (self.latent_channels, side, side)
+
+    @property
+    def identity(self) -> str:
+        """Name plus a hash of config and weights: two VAEs with the same identity encode alike."""
+        if self._identity is None:
+            h = hashlib.sha256(json.dumps(dict(self.autoencoder.config), sort_keys=True, default=str).encode())
+            for key, tensor in self.autoencoder.state_dict().items():
+                h.update(key.encode())
+                h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._identity = f"{os.path.basename(self.name.rstrip('/'))}@{h.hexdigest()[:16]}"
+        return self._identity
+
+    # --- maps ----------------------------------------------------------------------------
+
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.shift_factor) * self.scaling_factor
+
+    def unscale(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.scaling_factor + self.shift_factor
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """images (B, C, H, W) in [-1, 1] -> posterior mean and std (B, c, h, w), VAE space."""
+        posterior = self.autoencoder.encode(images.to(self.device)).latent_dist
+        return posterior.mean.float(), posterior.std.float()
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """model-space latents (B, c, h, w) -> images (B, C, H, W) in [-1, 1]."""
+        z = self.unscale(x.to(self.device).float())
+        return self.autoencoder.decode(z).sample.clamp(-1, 1)

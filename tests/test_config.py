@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from latentflow.config import ExperimentConfig, config_to_dict, load_config, save_config
+from latentflow.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_yaml_is_the_dataclass_default():
+    assert config_to_dict(load_config(REPO / "experiments" / "default.yaml")) == config_to_dict(ExperimentConfig())
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_file_loads(path):
+    load_config(path)
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(None, ["train.lr=1e-3", "model.name=DiT-S/2", "data.max_items=10", "data.path=null"])
+    assert cfg.train.lr == 1e-3 and cfg.model.name == "DiT-S/2" and cfg.data.max_items == 10 and cfg.data.path is None
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.epochs=3", "sampler.solver=rk4"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lrr=1", "unknown key 'train.lrr'"),
+        ("optim.lr=1", "unknown key 'optim'"),
+        ("train.lr=-1", "train.lr must be > 0"),
+        ("train.batch_size=0", "train.batch_size must be > 0"),
+        ("train.epochs=2.5", "train.epochs must be of type int"),
+        ("train.epochs=true", "train.epochs must be of type int"),
+        ("train.lr=fast", "train.lr must be of type float"),
+        ("sampler.cfg_scale=-0.5", "sampler.cfg_scale must be >= 0"),
+        ("sampler.steps=0", "sampler.steps must be > 0"),
+        ("sampler.solver=rk45", "sampler.solver is 'rk45'"),
+        ("model.name=DiT-Q/2", "model.name 'DiT-Q/2' is not a registered model"),
+        ("model.class_dropout=1.5", "model.class_dropout must lie in [0, 1]"),
+        ("flow.sigma_min=1", "flow.sigma_min must lie in [0, 1)"),
+        ("data.source=csv", "data.source is 'csv'"),
+        ("data.source=npz", "data.path is not set"),
+        ("train.ema_decay=1", "train.ema_decay must lie in [0, 1)"),
+        ("train", "not of the form section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("train: {epochs: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"train": {"epoch": 3}}))
+    with pytest.raises(ConfigError, match=r"unknown key 'train.epoch'.*typo.yaml"):
+        load_config(tmp_path / "typo.yaml")

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from latentflow.models import MODELS, create_model
+from latentflow.models.dit import DiT, sincos_pos_embed_2d
+
+
+def small(**kw):
+    return create_model("DiT-Nano/2", input_size=8, in_channels=4, num_classes=10, **kw)
+
+
+def test_registry_has_the_standard_presets():
+    for size in ("S", "B", "L", "XL"):
+        for patch in (2, 4, 8):
+            assert f"DiT-{size}/{patch}" in MODELS
+
+
+@pytest.mark.parametrize("labels", [None, torch.tensor([0, 3, 9, 10])])
+def test_output_shape_and_zero_init(labels):
+    model = small()
+    x, t = torch.randn(4, 4, 8, 8), torch.rand(4)
+    out = model(x, t, labels)
+    assert out.shape == x.shape
+    assert out.abs().max() == 0  # adaLN-Zero: the untrained field is zero
+
+
+def perturbed(model):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_labels_and_time_change_the_output_and_none_means_null():
+    model = perturbed(small())
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    y = torch.tensor([1, 2])
+    null = torch.full((2,), model.null_label)
+    assert not torch.allclose(model(x, t, y), model(x, t, null))
+    assert not torch.allclose(model(x, t, y), model(x, 1 - t, y))
+    torch.testing.assert_close(model(x, t, None), model(x, t, null))
+
+
+def test_batch_items_are_independent():
+    model = perturbed(small())
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 3])
+    torch.testing.assert_close(model(x, t, y)[1:2], model(x[1:2], t[1:2], y[1:2]), atol=1e-5, rtol=1e-4)
+
+
+def test_output_layer_learns_from_zero_init():
+    model = small()
+    out = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2]))
+    (out - 1).pow(2).mean().backward()
+    # at zero init only the final layer gets gradient; after one step everything does
+    assert model.final_layer.linear.weight.grad.abs().sum() > 0
+
+
+def test_patch_must_divide_latent_size():
+    with pytest.raises(ValueError, match="patch size 4 does not divide"):
+        DiT(input_size=6, in_channels=4, patch_size=4, hidden_size=64, depth=1, num_heads=2)
+
+
+def test_position_embedding_is_distinct_per_patch():
+    pe = sincos_pos_embed_2d(64, 4)
+    assert pe.shape == (16, 64)
+    assert torch.cdist(pe, pe).add(torch.eye(16)).min() > 0.1
+
+
+def test_unconditional_model_has_only_the_null_label():
+    model = create_model("DiT-Nano/2", input_size=8, in_channels=4, num_classes=0)
+    assert model.null_label == 0 and model.y_embedder.num_embeddings == 1
+    assert model(torch.randn(2, 4, 8, 8), torch.rand(2)).shape == (2, 4, 8, 8)

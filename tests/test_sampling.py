@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import torch
+
+from latentflow.models import create_model
+from latentflow.sampling import guided_velocity, sample_images
+from latentflow.train import drop_labels
+from latentflow.vae import FrozenVAE
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = create_model("DiT-Nano/2", input_size=8, in_channels=4, num_classes=10)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+@pytest.fixture
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(4, 4, 8, 8, generator=g), torch.rand(4, generator=g), torch.tensor([0, 3, 5, 9])
+
+
+def test_guidance_scale_one_is_the_conditional_velocity(model, inputs):
+    x, t, y = inputs
+    torch.testing.assert_close(guided_velocity(model, y, 1.0)(x, t), model(x, t, y))
+
+
+def test_guidance_scale_zero_is_the_unconditional_velocity(model, inputs):
+    x, t, y = inputs
+    torch.testing.assert_close(guided_velocity(model, y, 0.0)(x, t), model(x, t, None))
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.5, 4.0])
+def test_guidance_extrapolates_from_unconditional_to_conditional(model, inputs, scale):
+    x, t, y = inputs
+    cond, uncond = model(x, t, y), model(x, t, None)
+    torch.testing.assert_close(guided_velocity(model, y, scale)(x, t), uncond + scale * (cond - uncond), atol=1e-5, rtol=1e-4)
+
+
+def test_label_dropout_rate_and_null_label():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 10, (20_000,))
+    dropped = drop_labels(labels, 0.1, null_label=10)
+    is_null = dropped == 10
+    assert 0.09 < is_null.float().mean() < 0.11
+    assert torch.equal(dropped[~is_null], labels[~is_null])
+    assert torch.equal(drop_labels(labels, 0.0, 10), labels)
+
+
+def test_samples_depend_on_the_seed_only(model, tiny_vae_dir):
+    vae = FrozenVAE.from_pretrained(str(tiny_vae_dir))
+    kw = dict(solver="euler", steps=3, cfg_scale=1.5)
+    a = sample_images(model, vae, (4, 8, 8), [1, 2, 3, 4, 5], seed=7, batch_size=5, **kw)
+    b = sample_images(model, vae, (4, 8, 8), [1, 2, 3, 4, 5], seed=7, batch_size=2, **kw)
+    c = sample_images(model, vae, (4, 8, 8), [1, 2, 3, 4, 5], seed=8, batch_size=5, **kw)
+    assert a.images.shape == (5, 32, 32, 1) and a.images.dtype == np.uint8
+    assert np.array_equal(a.images, b.images) and not np.array_equal(a.images, c.images)
+    assert a.nfe == 3 and a.labels.tolist() == [1, 2, 3, 4, 5]
+    unconditional = sample_images(model, vae, (4, 8, 8), None, 3, **kw)
+    assert unconditional.labels.tolist() == [-1, -1, -1]

@@ -1,0 +1,69 @@
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentflow.config import DataConfig
+from latentflow.data import build_dataset
+from latentflow.errors import LatentflowError
+from latentflow.vae import EMBEDDED_VAE, FrozenVAE
+from tests.conftest import make_tiny_vae
+
+
+def test_round_trip_through_a_saved_autoencoder(tiny_vae_dir):
+    vae = FrozenVAE.from_pretrained(str(tiny_vae_dir))
+    # scale, shift and geometry come from the saved config, not from literals
+    assert vae.scaling_factor == pytest.approx(0.7) and vae.shift_factor == pytest.approx(0.1)
+    assert vae.downsample == 4 and vae.latent_shape(32) == (4, 8, 8)
+    assert not vae.autoencoder.training
+    assert not any(p.requires_grad for p in vae.autoencoder.parameters())
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    mean, std = vae.encode(x)
+    assert mean.shape == std.shape == (3, 4, 8, 8) and (std > 0).all()
+    z = torch.randn(3, 4, 8, 8)
+    torch.testing.assert_close(vae.unscale(vae.scale(z)), z)
+    torch.testing.assert_close(vae.scale(z), (z - 0.1) * 0.7)
+    images = vae.decode(vae.scale(mean))
+    assert images.shape == (3, 1, 32, 32) and images.min() >= -1 and images.max() <= 1
+    torch.testing.assert_close(images, vae.autoencoder.decode(mean).sample.clamp(-1, 1))
+
+
+def test_identity_follows_the_weights(tmp_path, tiny_vae_dir):
+    a = FrozenVAE.from_pretrained(str(tiny_vae_dir))
+    assert a.identity == FrozenVAE.from_pretrained(str(tiny_vae_dir)).identity
+    other = make_tiny_vae(tmp_path / "other", seed=1)
+    assert FrozenVAE.from_pretrained(str(other)).identity != a.identity
+
+
+def test_image_size_must_fit_the_downsampling(tiny_vae_dir):
+    with pytest.raises(LatentflowError, match="not divisible by the VAE's downsampling factor 4"):
+        FrozenVAE.from_pretrained(str(tiny_vae_dir)).latent_shape(30)
+
+
+def test_missing_directory_and_unreachable_hub_fail_in_one_line(tmp_path):
+    with pytest.raises(LatentflowError, match="VAE directory ./nowhere not found"):
+        FrozenVAE.from_pretrained("./nowhere")
+    start = time.perf_counter()
+    with pytest.raises(LatentflowError, match="Hub is unreachable.*vae.pretrained=DIR"):
+        FrozenVAE.from_pretrained("stabilityai/sd-vae-ft-ema")
+    assert time.perf_counter() - start < 20
+    (tmp_path / "notavae").mkdir()
+    (tmp_path / "notavae" / "readme.txt").write_text("hi")
+    with pytest.raises(LatentflowError, match="not a diffusers AutoencoderKL directory"):
+        FrozenVAE.from_pretrained(str(tmp_path / "notavae"))
+
+
+def test_embedded_vae_reconstructs_held_out_digits():
+    """The shipped VAE: loads through from_pretrained, embeds held-out digits at >= 30 dB."""
+    from latentflow.metrics import psnr
+
+    assert (EMBEDDED_VAE / "config.json").is_file()
+    vae = FrozenVAE.from_pretrained("embedded")
+    test = build_dataset(DataConfig(split="test", max_items=100), channels=vae.in_channels)
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    mean, _ = vae.encode(x)
+    recon = vae.autoencoder.decode(mean).sample.clamp(-1, 1)
+    assert psnr(recon, x).mean() >= 30.0
+    scaled = vae.scale(mean)
+    assert abs(scaled.mean().item()) < 0.2 and 0.7 < scaled.std().item() < 1.3
