@@ -75,6 +75,13 @@ def resolve_mixed_precision(flag: Optional[str], cpu: bool = False) -> Optional[
     return "bf16"  # CPU autocast: bf16 matmuls run ~2.4x faster than fp32 here
 
 
+def use_cpu_backend(cpu_flag: bool) -> bool:
+    """Accelerate picks its gloo CPU backend only when told to run on the CPU; without a
+    GPU, a multi-process launch would otherwise become N unrelated single-process runs."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return cpu_flag or (launched and not torch.cuda.is_available())
+
+
 def drop_labels(labels: torch.Tensor, prob: float, null_label: int) -> torch.Tensor:
     """Replace each label by ``null_label`` with probability ``prob`` (CFG training)."""
     if prob <= 0:
@@ -101,9 +108,15 @@ def train(cfg: ExperimentConfig, rt: Runtime) -> Optional[Path]:
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(rt.mixed_precision, rt.cpu),
         gradient_accumulation_steps=cfg.train.grad_accum,
-        cpu=rt.cpu,
+        cpu=use_cpu_backend(rt.cpu),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise LatentflowError(
+            f"the launcher started {launched} processes but Accelerate set up {accelerator.num_processes}; "
+            "check `accelerate config` (distributed type) or pass --cpu"
+        )
     is_main, device = accelerator.is_main_process, accelerator.device
     say = tqdm.write if is_main else (lambda *_: None)
     set_seed(cfg.train.seed)  # identical initialisation on every rank

@@ -82,7 +82,7 @@ def test_sample_writes_npz_and_grid(smoke_run, tmp_path):
         (["--resume", "/does/not/exist"], "no such directory"),
         (["--set", "data.source=npz", "--set", "data.path=missing.npz"], "missing.npz not found"),
         (["--set", "vae.pretrained=./no-vae-here"], "VAE directory ./no-vae-here not found"),
-        (["--set", "model.name=DiT-Nano/8", "--set", "data.max_items=8"], "patch size 8 does not divide the latent size 8"),
+        (["--set", "model.name=DiT-Nano/8", "--set", "data.image_size=48"], "patch size 8 does not divide the latent size 12"),
         (["sample", "--checkpoint", "nowhere", "--out", "x.png"], "no such directory"),
     ],
 )
