@@ -99,17 +99,27 @@ def _parse_labels(text: Optional[str], num_samples: int, num_classes: int) -> Op
     return [chosen[i % len(chosen)] for i in range(num_samples)]
 
 
-def cmd_sample(args) -> None:
-    import numpy as np
+def _sampler_settings(args, cfg):
+    solver = args.solver or cfg.sampler.solver
+    steps = args.steps or cfg.sampler.steps
+    cfg_scale = cfg.sampler.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    if cfg_scale < 0:
+        raise LatentflowError(f"--cfg-scale {cfg_scale}: must be >= 0 (1 = no guidance)")
+    return solver, steps, cfg_scale
+
+
+def _device(args):
     import torch
 
-    from .checkpoint import load_export
-    from .figures import save_grid
-    from .models import create_model
-    from .sampling import sample_images
-    from .vae import FrozenVAE
+    return torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
 
-    state, cfg, info = load_export(args.checkpoint)
+
+def cmd_sample(args) -> None:
+    import numpy as np
+
+    from .figures import save_grid
+    from .sampling import load_generator, sample_images
+
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise LatentflowError(f"--out {out}: give a .png (grid) or .npz (arrays) path; both are written")
@@ -117,33 +127,88 @@ def cmd_sample(args) -> None:
     existing = [str(p) for p in (png, npz) if p.exists()]
     if existing and not args.overwrite:
         raise LatentflowError(f"{', '.join(existing)} already exist; choose another --out or pass --overwrite")
-    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
-    vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder).to(device)
-    latent_shape = vae.latent_shape(cfg.data.image_size)
-    num_classes = info.get("num_classes", 10)
-    model = create_model(cfg.model.name, input_size=latent_shape[1], in_channels=latent_shape[0], num_classes=num_classes)
-    model.load_state_dict(state)
-    model.to(device).eval()
-    labels = _parse_labels(args.labels, args.num_samples, num_classes)
-    solver = args.solver or cfg.sampler.solver
-    steps = args.steps or cfg.sampler.steps
-    cfg_scale = cfg.sampler.cfg_scale if args.cfg_scale is None else args.cfg_scale
-    if cfg_scale < 0:
-        raise LatentflowError(f"--cfg-scale {cfg_scale}: must be >= 0 (1 = no guidance)")
+    model, vae, cfg, info, latent_shape = load_generator(args.checkpoint, _device(args))
+    labels = _parse_labels(args.labels, args.num_samples, info.get("num_classes", 10))
+    solver, steps, cfg_scale = _sampler_settings(args, cfg)
     start = time.perf_counter()
     result = sample_images(
         model, vae, latent_shape, labels, args.num_samples, solver=solver, steps=steps, cfg_scale=cfg_scale,
-        atol=cfg.sampler.atol, rtol=cfg.sampler.rtol, seed=args.seed, batch_size=args.batch_size,
+        guidance_interval=cfg.sampler.guidance_interval, atol=cfg.sampler.atol, rtol=cfg.sampler.rtol,
+        seed=args.seed, batch_size=args.batch_size,
     )
     seconds = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(npz, images=result.images, labels=result.labels)
-    ncol = args.ncol or min(10, args.num_samples)
-    save_grid(result.images, png, ncol=ncol)
+    save_grid(result.images, png, ncol=args.ncol or min(10, args.num_samples))
     print(
         f"{args.num_samples} samples, {solver} {steps if solver != 'dopri5' else ''} NFE {result.nfe}, "
         f"cfg {cfg_scale}, seed {args.seed}, {seconds:.1f} s -> {png}, {npz}"
     )
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate import evaluate_images, real_baseline
+    from .classifier import load_classifier
+    from .sampling import load_generator, sample_images
+
+    model, vae, cfg, info, latent_shape = load_generator(args.checkpoint, _device(args))
+    classifier, classifier_info = load_classifier()
+    num_classes = info.get("num_classes", 10)
+    labels = None if num_classes == 0 or args.unconditional else [i % num_classes for i in range(args.num_samples)]
+    solver, steps, cfg_scale = _sampler_settings(args, cfg)
+    start = time.perf_counter()
+    result = sample_images(
+        model, vae, latent_shape, labels, args.num_samples, solver=solver, steps=steps, cfg_scale=cfg_scale,
+        guidance_interval=cfg.sampler.guidance_interval, atol=cfg.sampler.atol, rtol=cfg.sampler.rtol,
+        seed=args.seed, batch_size=args.batch_size,
+    )
+    seconds = time.perf_counter() - start
+    metrics = evaluate_images(result.images, result.labels, classifier, inception=args.inception)
+    baseline = real_baseline(classifier)
+    report = {
+        **metrics,
+        "real_fd": baseline["fd"],
+        "settings": {"solver": solver, "steps": steps if solver != "dopri5" else None, "nfe": result.nfe,
+                     "cfg_scale": cfg_scale, "guidance_interval": cfg.sampler.guidance_interval,
+                     "seed": args.seed, "num_samples": args.num_samples,
+                     "labels": "balanced, i % num_classes" if labels else "unconditional"},
+        "reference": "bundled MNIST test split (500 digits); features: shipped digit classifier (128-d)",
+        "classifier_test_accuracy": classifier_info["test_accuracy"],
+        "real_baseline": baseline,
+        "sampling_seconds": round(seconds, 1),
+        "checkpoint": str(args.checkpoint),
+    }
+    ckpt = Path(args.checkpoint)
+    run_dir = ckpt.parent if ckpt.name == "export" else ckpt
+    out = args.out or run_dir / "eval" / f"{solver}-{steps}-cfg{cfg_scale:g}-n{args.num_samples}-seed{args.seed}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    acc = f"accuracy {metrics['accuracy']:.2%}  |  " if "accuracy" in metrics else ""
+    print(
+        f"FD {metrics['fd']:.3f} (real digits: {baseline['fd']:.3f})  |  {acc}{solver} "
+        f"{'' if solver == 'dopri5' else steps} NFE {result.nfe}, cfg {cfg_scale:g}, seed {args.seed}, "
+        f"{args.num_samples} samples in {seconds:.0f} s  |  classifier test accuracy "
+        f"{classifier_info['test_accuracy']:.2%}  ->  {out}"
+    )
+
+
+def cmd_bench(args) -> None:
+    from .bench import BenchSettings, run_bench, write_json
+
+    batches = tuple(int(b) for b in args.batches.split(","))
+    settings = BenchSettings(model=args.model, latent_size=args.latent_size, seed_batch=args.seed_batch,
+                             batches=batches, window_seconds=args.window_seconds, windows=args.windows,
+                             compile=args.compile, tiny=args.tiny)
+    summary = run_bench(settings, device=_device(args))
+    if args.json:
+        write_json(summary, args.json)
+        print(f"wrote {args.json}")
+
+
+def cmd_train_classifier(args) -> None:
+    from .classifier import train_classifier
+
+    train_classifier(args.out, epochs=args.epochs, seed=args.seed, overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +247,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=500)
     p.add_argument("--out", type=Path, default=None, help="figure path (default: runs/reconstruct-<timestamp>/reconstruction.png)")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("evaluate", help="FD and class accuracy of samples, against held-out real digits")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a run directory or its export/")
+    p.add_argument("--num-samples", type=int, default=5000)
+    p.add_argument("--solver", choices=SOLVERS, default=None, help="default: the run's sampler.solver")
+    p.add_argument("--steps", type=int, default=None, help="default: the run's sampler.steps")
+    p.add_argument("--cfg-scale", type=float, default=None, help="default: the run's sampler.cfg_scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--unconditional", action="store_true", help="sample without labels (FD only)")
+    p.add_argument("--inception", action="store_true", help="also Inception FID (needs its weights locally)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: RUN/eval/<settings>.json)")
+    p.add_argument("--cpu", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bench", help="training throughput: the seed-style loop against latentflow's")
+    p.add_argument("--model", default="DiT-B/2", help="a registered model preset (default DiT-B/2)")
+    p.add_argument("--latent-size", type=int, default=4, help="latent side: 4 for 32 px MNIST through an SD VAE, 32 for ImageNet-256")
+    p.add_argument("--seed-batch", type=int, default=32)
+    p.add_argument("--batches", default="32,64,128,256", help="batch sizes for the sweep (d)")
+    p.add_argument("--window-seconds", type=float, default=2.0)
+    p.add_argument("--windows", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling on a CPU)")
+    p.add_argument("--tiny", action="store_true", help="a seconds-long run on tiny models (for tests)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    p.add_argument("--cpu", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("train-classifier", help="train the digit classifier used by evaluate")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_train_classifier)
 
     p = sub.add_parser("sample", help="draw samples from a run or an export")
     p.add_argument("--checkpoint", type=Path, required=True, help="a run directory or its export/")

@@ -81,7 +81,7 @@ class VAEConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "DiT-Mini/2"
+    name: str = "DiT-Tiny/2"
     """A registered backbone preset (latentflow.models.MODELS), e.g. DiT-S/2, DiT-B/4."""
     class_dropout: float = 0.1
     """Probability of replacing a label by the null label in training (classifier-free
@@ -99,7 +99,7 @@ class ModelConfig:
 class FlowConfig:
     sigma_min: float = 1e-3
     """Width of the Gaussian around the data at t = 1 (see latentflow/flow.py)."""
-    time_sampler: str = "stratified"
+    time_sampler: str = "logit_normal"
     """'stratified' (the seed's), 'uniform' or 'logit_normal'."""
     logit_mean: float = 0.0
     """Mean of the logit-normal time sampler."""
@@ -125,6 +125,9 @@ class SamplerConfig:
     """dopri5 relative tolerance."""
     cfg_scale: float = 1.5
     """Classifier-free guidance scale: 1 is the plain conditional velocity, 0 unconditional."""
+    guidance_interval: Optional[List[float]] = None
+    """[t_lo, t_hi]: guide only for t in this range, plain conditional elsewhere
+    (Kynkäänniemi et al. 2024); None guides the whole path."""
     grid_per_class: int = 8
     """Samples per class in the per-epoch grid (one row per class)."""
 
@@ -138,19 +141,23 @@ class SamplerConfig:
         if self.cfg_scale < 0:
             raise ConfigError(f"sampler.cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
         _positive("sampler.grid_per_class", self.grid_per_class)
+        if self.guidance_interval is not None:
+            lo_hi = self.guidance_interval
+            if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
+                raise ConfigError(f"sampler.guidance_interval must be [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1, got {lo_hi}")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
+    epochs: int = 50
     """Passes over the training set."""
-    batch_size: int = 128
+    batch_size: int = 64
     """Batch size per process (the global batch is this x processes x grad_accum)."""
-    lr: float = 3e-4
+    lr: float = 1e-3
     """Peak AdamW learning rate, reached after warmup_steps."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     """Optimizer steps of linear learning-rate warmup."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""

@@ -10,7 +10,7 @@ import numpy as np
 from einops import rearrange
 from PIL import Image
 
-__all__ = ["image_grid", "save_grid", "save_loss_curve", "save_reconstruction_figure"]
+__all__ = ["image_grid", "save_grid", "save_loss_by_time", "save_loss_curve", "save_reconstruction_figure"]
 
 
 def image_grid(images: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> np.ndarray:
@@ -25,6 +25,7 @@ def image_grid(images: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> 
 
 
 def save_grid(images: np.ndarray, path: Path, ncol: int, scale: int = 2) -> Path:
+    path = Path(path)
     grid = image_grid(images, ncol)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
@@ -66,6 +67,37 @@ def save_loss_curve(log_file: Path, path: Path, title: Optional[str] = None) -> 
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_loss_by_time(log_file: Path, path: Path, title: Optional[str] = None, max_curves: int = 6) -> Path:
+    """Training loss per equal-width t bin (t = 0 noise, 1 data), for a few epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [json.loads(l) for l in Path(log_file).read_text().splitlines()]
+    epochs = [e for e in epochs if e.get("event") == "epoch" and e.get("loss_by_time")]
+    if not epochs:
+        return path
+    pick = sorted({round(i * (len(epochs) - 1) / max(1, max_curves - 1)) for i in range(max_curves)})
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    cmap = plt.get_cmap("viridis")
+    for k, i in enumerate(pick):
+        bins = epochs[i]["loss_by_time"]
+        centers = [(j + 0.5) / len(bins) for j in range(len(bins))]
+        ax.plot(centers, bins, "o-", ms=3, color=cmap(k / max(1, len(pick) - 1)), label=f"epoch {epochs[i]['epoch']}")
+    ax.set_xlabel("t  (0 = noise, 1 = data)")
+    ax.set_ylabel("CFM loss in bin")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     if title:
         ax.set_title(title)
     fig.tight_layout()

@@ -60,8 +60,8 @@ def cache_metadata(vae: FrozenVAE, dataset: ImageDataset) -> Dict[str, str]:
     return {
         "format": CACHE_FORMAT,
         "vae": vae.identity,
-        "scaling_factor": repr(vae.scaling_factor),
-        "shift_factor": repr(vae.shift_factor),
+        "scale": json.dumps(vae.scale(torch.zeros(1, vae.latent_channels, 1, 1)).flatten().tolist()),
+        "unit": json.dumps(vae.scale(torch.ones(1, vae.latent_channels, 1, 1)).flatten().tolist()),
         "image_shape": json.dumps(list(dataset.image_shape)),
         "dataset": dataset.fingerprint(),
         "num_items": str(len(dataset)),

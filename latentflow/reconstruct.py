@@ -41,9 +41,10 @@ def reconstruct(
         num_images=n,
         latent_mean=latents.mean().item(),
         latent_std=latents.std().item(),
+        latent_channel_mean=latents.mean(dim=(0, 2, 3)).tolist(),
+        latent_channel_std=latents.std(dim=(0, 2, 3)).tolist(),
         latent_shape=list(latents.shape[1:]),
-        scaling_factor=vae.scaling_factor,
-        shift_factor=vae.shift_factor,
+        normalization=vae.normalization,
     )
     k = min(show, n)
     save_reconstruction_figure(to_uint8(originals[:k]), to_uint8(recons[:k]), figure)

@@ -18,11 +18,17 @@ import torch.nn as nn
 from .solvers import integrate
 from .vae import FrozenVAE
 
-__all__ = ["SampleResult", "guided_velocity", "sample_images", "to_uint8"]
+__all__ = ["SampleResult", "guided_velocity", "load_generator", "sample_images", "to_uint8"]
 
 
-def guided_velocity(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale: float = 1.0) -> Callable:
-    """velocity(x, t) of ``model`` for ``labels`` (None: unconditional) at guidance ``cfg_scale``."""
+def guided_velocity(
+    model: nn.Module,
+    labels: Optional[torch.Tensor],
+    cfg_scale: float = 1.0,
+    interval: Optional[Sequence[float]] = None,
+) -> Callable:
+    """velocity(x, t) of ``model`` for ``labels`` (None: unconditional) at guidance
+    ``cfg_scale``, applied only while ``interval[0] <= t <= interval[1]`` if given."""
     null = getattr(model, "null_label", None)
 
     def unconditional(x, t):
@@ -39,6 +45,8 @@ def guided_velocity(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale:
     null_labels = torch.full_like(labels, null)
 
     def guided(x, t):
+        if interval is not None and not bool(((t >= interval[0]) & (t <= interval[1])).all()):
+            return model(x, t, labels)  # outside the guidance interval: plain conditional
         # one batched pass for both branches: (2B, C, H, W)
         v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels]))
         v_cond, v_uncond = v.chunk(2)
@@ -71,6 +79,7 @@ def sample_images(
     solver: str = "heun",
     steps: int = 10,
     cfg_scale: float = 1.0,
+    guidance_interval: Optional[Sequence[float]] = None,
     atol: float = 1e-5,
     rtol: float = 1e-5,
     seed: int = 0,
@@ -95,9 +104,24 @@ def sample_images(
         y = None if label_t is None else label_t[start : start + batch_size].to(device)
         with autocast():
             result = integrate(
-                guided_velocity(model, y, cfg_scale), x0, solver, steps, atol=atol, rtol=rtol
+                guided_velocity(model, y, cfg_scale, guidance_interval), x0, solver, steps, atol=atol, rtol=rtol
             )
         nfe = max(nfe, result.nfe)
         out.append(to_uint8(vae.decode(result.x.float())))
     labels_np = np.full(n, -1, dtype=np.int64) if label_t is None else label_t.numpy()
     return SampleResult(np.concatenate(out), labels_np, nfe)
+
+
+def load_generator(checkpoint, device="cpu"):
+    """(model, vae, cfg, info, latent_shape) from a run directory or an export."""
+    from .checkpoint import load_export
+    from .models import create_model
+
+    state, cfg, info = load_export(checkpoint)
+    vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder).to(device)
+    latent_shape = vae.latent_shape(cfg.data.image_size)
+    model = create_model(
+        cfg.model.name, input_size=latent_shape[1], in_channels=latent_shape[0], num_classes=info.get("num_classes", 10)
+    )
+    model.load_state_dict(state)
+    return model.to(device).eval(), vae, cfg, info, latent_shape

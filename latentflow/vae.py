@@ -96,6 +96,14 @@ class FrozenVAE:
         config = autoencoder.config
         self.scaling_factor = float(config.scaling_factor)
         self.shift_factor = float(config.shift_factor or 0.0)
+        per_channel = getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None
+        if per_channel:  # (1, C, 1, 1) so that they broadcast over latents (B, C, h, w)
+            self._shift = torch.tensor(config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1)
+            self._scale = self.scaling_factor / torch.tensor(config.latents_std, dtype=torch.float32).view(1, -1, 1, 1)
+        else:
+            self._shift = torch.tensor(self.shift_factor).view(1, 1, 1, 1)
+            self._scale = torch.tensor(self.scaling_factor).view(1, 1, 1, 1)
+        self.normalization = "per-channel latents_mean/latents_std" if per_channel else "scalar shift/scale"
         self.in_channels = int(config.in_channels)
         self.latent_channels = int(config.latent_channels)
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
@@ -139,10 +147,12 @@ class FrozenVAE:
     # --- maps ----------------------------------------------------------------------------
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.shift_factor) * self.scaling_factor
+        """VAE-space latents -> model space (about zero mean, unit variance per channel)."""
+        return (z - self._shift.to(z.device)) * self._scale.to(z.device)
 
     def unscale(self, x: torch.Tensor) -> torch.Tensor:
-        return x / self.scaling_factor + self.shift_factor
+        """Model-space latents -> VAE space, what the decoder takes."""
+        return x / self._scale.to(x.device) + self._shift.to(x.device)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_writes_the_run_directory(smoke_run):
     _, run_dir, proc = smoke_run
     for rel in ("config.yaml", "log.jsonl", "figures/epoch_001.png", "figures/epoch_002.png", "figures/final.png",
-                "figures/loss.png", "checkpoints/epoch_0002/model.safetensors", "checkpoints/epoch_0002/ema.safetensors",
+                "figures/loss.png", "figures/loss_by_time.png", "checkpoints/epoch_0002/model.safetensors", "checkpoints/epoch_0002/ema.safetensors",
                 "checkpoints/epoch_0002/optimizer.pt", "export/model.safetensors", "export/config.yaml"):
         assert (run_dir / rel).is_file(), rel
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -44,6 +44,7 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
     epochs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     epochs = [e for e in epochs if e["event"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [1, 2] and all(np.isfinite(e["loss"]) for e in epochs)
+    assert all(len(e["loss_by_time"]) == 10 for e in epochs)
     assert "epoch   1/2" in proc.stdout + proc.stderr and "epoch   2/2" in proc.stdout + proc.stderr
 
 
@@ -72,6 +73,18 @@ def test_sample_writes_npz_and_grid(smoke_run, tmp_path):
     assert (tmp_path / "s.png").is_file()
     again = run("sample", "--checkpoint", str(run_dir), "--num-samples", "6", "--out", str(tmp_path / "s.png"), check=False)
     assert again.returncode == 2 and "already exist" in again.stderr  # never overwrites silently
+
+
+def test_evaluate_reports_fd_accuracy_and_settings(smoke_run):
+    _, run_dir, _ = smoke_run
+    proc = run("evaluate", "--checkpoint", str(run_dir / "export"), "--num-samples", "40", "--solver", "heun",
+               "--steps", "2", "--cfg-scale", "2")
+    assert "FD " in proc.stdout and "accuracy" in proc.stdout
+    report = json.loads((run_dir / "eval" / "heun-2-cfg2-n40-seed0.json").read_text())
+    assert report["settings"]["nfe"] == 4 and report["settings"]["num_samples"] == 40
+    assert report["settings"]["cfg_scale"] == 2 and 0 <= report["accuracy"] <= 1
+    assert report["fd"] > report["real_fd"] > 0  # a 2-epoch model is worse than real digits
+    assert report["classifier_test_accuracy"] >= 0.97
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,15 @@ def test_guidance_extrapolates_from_unconditional_to_conditional(model, inputs, 
     torch.testing.assert_close(guided_velocity(model, y, scale)(x, t), uncond + scale * (cond - uncond), atol=1e-5, rtol=1e-4)
 
 
+def test_guidance_interval_guides_only_inside_it(model, inputs):
+    x, _, y = inputs
+    v = guided_velocity(model, y, 3.0, interval=(0.2, 0.6))
+    inside, outside = torch.full((4,), 0.4), torch.full((4,), 0.8)
+    cond, uncond = model(x, inside, y), model(x, inside, None)
+    torch.testing.assert_close(v(x, inside), uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(v(x, outside), model(x, outside, y))
+
+
 def test_label_dropout_rate_and_null_label():
     torch.manual_seed(0)
     labels = torch.randint(0, 10, (20_000,))

@@ -166,14 +166,19 @@ class DiT(nn.Module):
         )  # (B, C, H, W)
 
     def flops_per_sample(self) -> int:
-        """Forward multiply-adds x2 of the linear layers and attention matmuls (embeddings
-        and norms excluded): per block 2·N·(12·D² ... ) counted from the actual shapes."""
+        """Forward FLOPs for one sample, counting 2 per multiply-add of every matrix product.
+
+        With N tokens of width D, MLP width H, patch p, C latent channels, F frequency features:
+        per block  3ND² (qkv) + ND² (proj) + 2NDH (MLP) + 2N²D (scores, mix) + 6D² (adaLN);
+        once       NDp²C (patch embed) + FD + D² (time MLP) + 2D² + NDp²C (final adaLN, output).
+        Norms, activations and softmax are left out (a few percent at most).
+        """
         n, d = self.grid * self.grid, self.blocks[0].norm1.normalized_shape[0]
-        mlp_hidden = self.blocks[0].mlp.fc1.out_features
-        per_block = 2 * n * (4 * d * d + 2 * d * mlp_hidden) + 2 * 2 * n * n * d
-        final = 2 * n * d * self.final_layer.linear.out_features
-        patch = 2 * n * d * self.in_channels * self.patch_size**2
-        return len(self.blocks) * per_block + final + patch
+        h = self.blocks[0].mlp.fc1.out_features
+        pc = self.patch_size**2 * self.in_channels
+        block = 4 * n * d * d + 2 * n * d * h + 2 * n * n * d + 6 * d * d
+        once = 2 * n * d * pc + self.t_embedder.freq_dim * d + d * d + 2 * d * d
+        return 2 * (len(self.blocks) * block + once)
 
 
 # name -> (depth, hidden, heads). S/B/L/XL as in DiT Table 1; the small ones train on a CPU.
