@@ -115,9 +115,9 @@ class FlowConfig:
 
 @dataclass
 class SamplerConfig:
-    solver: str = "heun"
+    solver: str = "euler"
     """ODE solver: euler, midpoint, heun, rk4 (fixed steps) or dopri5 (adaptive)."""
-    steps: int = 10
+    steps: int = 8
     """Steps of a fixed-step solver (NFE = steps x evaluations per step)."""
     atol: float = 1e-5
     """dopri5 absolute tolerance."""

@@ -186,7 +186,7 @@ def train(cfg: ExperimentConfig, rt: Runtime) -> Optional[Path]:
     null_label = raw_model.null_label
 
     # --- resume -----------------------------------------------------------------------------
-    start_epoch, step, ckpt = 0, 0, None
+    start_epoch, step = 0, 0
     if resume is not None:
         run_dir, ckpt_dir = resume
         ckpt = load_checkpoint(ckpt_dir, device)
@@ -231,7 +231,8 @@ def train(cfg: ExperimentConfig, rt: Runtime) -> Optional[Path]:
         result = sample_images(
             ema.model, vae, latent_shape, grid_labels, grid_count,
             solver=cfg.sampler.solver, steps=cfg.sampler.steps, cfg_scale=cfg.sampler.cfg_scale,
-            guidance_interval=cfg.sampler.guidance_interval, atol=cfg.sampler.atol, rtol=cfg.sampler.rtol, seed=cfg.train.seed, autocast=accelerator.autocast,
+            guidance_interval=cfg.sampler.guidance_interval, atol=cfg.sampler.atol, rtol=cfg.sampler.rtol,
+            seed=cfg.train.seed, autocast=accelerator.autocast,
         )
         save_grid(result.images, path, ncol=cfg.sampler.grid_per_class if grid_labels else 8)
 
@@ -243,7 +244,7 @@ def train(cfg: ExperimentConfig, rt: Runtime) -> Optional[Path]:
         bin_sum = torch.zeros(TIME_BINS, device=device)  # per-sample loss summed by t bin
         bin_count = torch.zeros(TIME_BINS, device=device)
         window = torch.zeros((), device=device)
-        window_n = 0
+        window_n = good_steps = 0
         epoch_start = time.perf_counter()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not is_main, leave=False)
         for mean, std, labels, _ in loader:
@@ -284,6 +285,7 @@ def train(cfg: ExperimentConfig, rt: Runtime) -> Optional[Path]:
                 loss_sum += loss.detach()
                 window += loss.detach()
                 window_n += 1
+                good_steps += 1
             bar.update()
             if step % cfg.train.log_every == 0 and window_n:
                 value = accelerator.reduce(window / window_n, "mean").item()  # the only sync
@@ -292,8 +294,7 @@ def train(cfg: ExperimentConfig, rt: Runtime) -> Optional[Path]:
                 bar.set_postfix(loss=f"{value:.4f}")
                 log({"event": "step", "epoch": epoch + 1, "step": step, "loss": value, "lr": optimizer.param_groups[0]["lr"]})
         bar.close()
-        n_steps = max(1, steps_per_epoch - nonfinite_run)
-        epoch_loss = accelerator.reduce(loss_sum / n_steps, "mean").item()
+        epoch_loss = accelerator.reduce(loss_sum / max(1, good_steps), "mean").item()
         bin_loss = (accelerator.reduce(bin_sum, "sum") / accelerator.reduce(bin_count, "sum").clamp_min(1)).tolist()
         seconds = time.perf_counter() - epoch_start
         images_per_s = steps_per_epoch * cfg.train.grad_accum * world_batch / seconds
