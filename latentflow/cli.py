@@ -211,8 +211,20 @@ def cmd_train_classifier(args) -> None:
     train_classifier(args.out, epochs=args.epochs, seed=args.seed, overwrite=args.overwrite)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_sampling_args(p: argparse.ArgumentParser, num_samples: int) -> None:
+    """Flags shared by `sample` and `evaluate`; unset ones fall back to the run's config."""
     from .solvers import SOLVERS
+
+    p.add_argument("--checkpoint", type=Path, required=True, help="a run directory or its export/")
+    p.add_argument("--num-samples", type=int, default=num_samples)
+    p.add_argument("--solver", choices=SOLVERS, default=None, help="default: the run's sampler.solver")
+    p.add_argument("--steps", type=int, default=None, help="default: the run's sampler.steps")
+    p.add_argument("--cfg-scale", type=float, default=None, help="default: the run's sampler.cfg_scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=500)
+
+
+def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python main.py", description="latentflow: latent flow matching trainer")
     sub = parser.add_subparsers(dest="command")
@@ -249,13 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("evaluate", help="FD and class accuracy of samples, against held-out real digits")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a run directory or its export/")
-    p.add_argument("--num-samples", type=int, default=5000)
-    p.add_argument("--solver", choices=SOLVERS, default=None, help="default: the run's sampler.solver")
-    p.add_argument("--steps", type=int, default=None, help="default: the run's sampler.steps")
-    p.add_argument("--cfg-scale", type=float, default=None, help="default: the run's sampler.cfg_scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=500)
+    _add_sampling_args(p, num_samples=5000)
     p.add_argument("--unconditional", action="store_true", help="sample without labels (FD only)")
     p.add_argument("--inception", action="store_true", help="also Inception FID (needs its weights locally)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: RUN/eval/<settings>.json)")
@@ -283,14 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_classifier)
 
     p = sub.add_parser("sample", help="draw samples from a run or an export")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a run directory or its export/")
-    p.add_argument("--num-samples", type=int, default=100)
+    _add_sampling_args(p, num_samples=100)
     p.add_argument("--labels", default=None, help="'3', '0,1,2' (cycled), 'all' (default) or 'none' (unconditional)")
-    p.add_argument("--solver", choices=SOLVERS, default=None, help="default: the run's sampler.solver")
-    p.add_argument("--steps", type=int, default=None, help="default: the run's sampler.steps")
-    p.add_argument("--cfg-scale", type=float, default=None, help="default: the run's sampler.cfg_scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--ncol", type=int, default=None, help="grid columns (default: 10)")
     p.add_argument("--out", required=True, help="output path; FILE.png and FILE.npz are both written")
     p.add_argument("--overwrite", action="store_true")

@@ -83,7 +83,13 @@ def inception_fid(images: np.ndarray) -> Optional[float]:
     if not path.is_file():
         print(f"Inception FID skipped: needs {INCEPTION_WEIGHTS} in {path.parent} (torch-fidelity's FID weights)")
         return None
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        import torch_fidelity  # noqa: F401  (torchmetrics needs it for the Inception network)
+    except ImportError:
+        print("Inception FID skipped: needs the torch-fidelity package (pip install torch-fidelity)")
+        return None
 
     fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(path))
     to_rgb = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()  # noqa: E731

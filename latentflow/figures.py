@@ -64,9 +64,16 @@ def save_loss_curve(log_file: Path, path: Path, title: Optional[str] = None) -> 
     ax.plot(epoch_steps, epoch_losses, "o-", ms=3, label="epoch mean")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("CFM loss")
+    return _finish(fig, ax, path, title)
+
+
+def _finish(fig, ax, path: Path, title: Optional[str], legend_size: Optional[int] = None) -> Path:
+    """Log-scale y, grid, legend and title, then save and close."""
+    import matplotlib.pyplot as plt
+
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=legend_size)
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -95,15 +102,7 @@ def save_loss_by_time(log_file: Path, path: Path, title: Optional[str] = None, m
         ax.plot(centers, bins, "o-", ms=3, color=cmap(k / max(1, len(pick) - 1)), label=f"epoch {epochs[i]['epoch']}")
     ax.set_xlabel("t  (0 = noise, 1 = data)")
     ax.set_ylabel("CFM loss in bin")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title, legend_size=7)
 
 
 def class_grid_labels(num_classes: int, per_class: int) -> Sequence[int]:
