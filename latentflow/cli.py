@@ -99,26 +99,39 @@ def _parse_labels(text: Optional[str], num_samples: int, num_classes: int) -> Op
     return [chosen[i % len(chosen)] for i in range(num_samples)]
 
 
-def _sampler_settings(args, cfg):
-    solver = args.solver or cfg.sampler.solver
-    steps = args.steps or cfg.sampler.steps
-    cfg_scale = cfg.sampler.cfg_scale if args.cfg_scale is None else args.cfg_scale
-    if cfg_scale < 0:
-        raise LatentflowError(f"--cfg-scale {cfg_scale}: must be >= 0 (1 = no guidance)")
-    return solver, steps, cfg_scale
-
-
 def _device(args):
     import torch
 
     return torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
 
 
+def _draw(args, labels_for):
+    """Sample from ``args.checkpoint`` with the sampling flags; flags left unset fall back to
+    the run's sampler config. ``labels_for(num_classes)`` picks the labels (or None)."""
+    from .sampling import load_generator, sample_images
+
+    model, vae, cfg, info, latent_shape = load_generator(args.checkpoint, _device(args))
+    labels = labels_for(info.get("num_classes", 10))
+    s = {"solver": args.solver or cfg.sampler.solver, "steps": args.steps or cfg.sampler.steps,
+         "cfg_scale": cfg.sampler.cfg_scale if args.cfg_scale is None else args.cfg_scale,
+         "guidance_interval": cfg.sampler.guidance_interval}
+    if s["cfg_scale"] < 0:
+        raise LatentflowError(f"--cfg-scale {s['cfg_scale']}: must be >= 0 (1 = no guidance)")
+    if labels is None:
+        s["cfg_scale"] = 0.0  # no labels: the unconditional velocity, which is guidance scale 0
+    start = time.perf_counter()
+    result = sample_images(
+        model, vae, latent_shape, labels, args.num_samples, atol=cfg.sampler.atol, rtol=cfg.sampler.rtol,
+        seed=args.seed, batch_size=args.batch_size, **s,
+    )
+    s["seconds"] = time.perf_counter() - start
+    return result, s
+
+
 def cmd_sample(args) -> None:
     import numpy as np
 
     from .figures import save_grid
-    from .sampling import load_generator, sample_images
 
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
@@ -127,16 +140,8 @@ def cmd_sample(args) -> None:
     existing = [str(p) for p in (png, npz) if p.exists()]
     if existing and not args.overwrite:
         raise LatentflowError(f"{', '.join(existing)} already exist; choose another --out or pass --overwrite")
-    model, vae, cfg, info, latent_shape = load_generator(args.checkpoint, _device(args))
-    labels = _parse_labels(args.labels, args.num_samples, info.get("num_classes", 10))
-    solver, steps, cfg_scale = _sampler_settings(args, cfg)
-    start = time.perf_counter()
-    result = sample_images(
-        model, vae, latent_shape, labels, args.num_samples, solver=solver, steps=steps, cfg_scale=cfg_scale,
-        guidance_interval=cfg.sampler.guidance_interval, atol=cfg.sampler.atol, rtol=cfg.sampler.rtol,
-        seed=args.seed, batch_size=args.batch_size,
-    )
-    seconds = time.perf_counter() - start
+    result, s = _draw(args, lambda num_classes: _parse_labels(args.labels, args.num_samples, num_classes))
+    solver, steps, cfg_scale, seconds = s["solver"], s["steps"], s["cfg_scale"], s["seconds"]
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(npz, images=result.images, labels=result.labels)
     save_grid(result.images, png, ncol=args.ncol or min(10, args.num_samples))
@@ -149,29 +154,22 @@ def cmd_sample(args) -> None:
 def cmd_evaluate(args) -> None:
     from .evaluate import evaluate_images, real_baseline
     from .classifier import load_classifier
-    from .sampling import load_generator, sample_images
 
-    model, vae, cfg, info, latent_shape = load_generator(args.checkpoint, _device(args))
+    def balanced(num_classes):
+        return None if num_classes == 0 or args.unconditional else [i % num_classes for i in range(args.num_samples)]
+
     classifier, classifier_info = load_classifier()
-    num_classes = info.get("num_classes", 10)
-    labels = None if num_classes == 0 or args.unconditional else [i % num_classes for i in range(args.num_samples)]
-    solver, steps, cfg_scale = _sampler_settings(args, cfg)
-    start = time.perf_counter()
-    result = sample_images(
-        model, vae, latent_shape, labels, args.num_samples, solver=solver, steps=steps, cfg_scale=cfg_scale,
-        guidance_interval=cfg.sampler.guidance_interval, atol=cfg.sampler.atol, rtol=cfg.sampler.rtol,
-        seed=args.seed, batch_size=args.batch_size,
-    )
-    seconds = time.perf_counter() - start
+    result, s = _draw(args, balanced)
+    solver, steps, cfg_scale, seconds = s["solver"], s["steps"], s["cfg_scale"], s["seconds"]
     metrics = evaluate_images(result.images, result.labels, classifier, inception=args.inception)
     baseline = real_baseline(classifier)
     report = {
         **metrics,
         "real_fd": baseline["fd"],
         "settings": {"solver": solver, "steps": steps if solver != "dopri5" else None, "nfe": result.nfe,
-                     "cfg_scale": cfg_scale, "guidance_interval": cfg.sampler.guidance_interval,
+                     "cfg_scale": cfg_scale, "guidance_interval": s["guidance_interval"],
                      "seed": args.seed, "num_samples": args.num_samples,
-                     "labels": "balanced, i % num_classes" if labels else "unconditional"},
+                     "labels": "unconditional" if (result.labels < 0).all() else "balanced, i % num_classes"},
         "reference": "bundled MNIST test split (500 digits); features: shipped digit classifier (128-d)",
         "classifier_test_accuracy": classifier_info["test_accuracy"],
         "real_baseline": baseline,
