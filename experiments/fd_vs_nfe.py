@@ -23,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from latentflow.classifier import load_classifier  # noqa: E402
 from latentflow.evaluate import evaluate_images, real_baseline  # noqa: E402
-from latentflow.sampling import load_generator, sample_images  # noqa: E402
+from latentflow.pipeline import load_pipeline  # noqa: E402
+from latentflow.sampling import sample_images  # noqa: E402
 
 GRID = {
     "euler": [4, 8, 16, 32],
@@ -43,9 +44,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("figures/fd_vs_nfe.png"))
     args = p.parse_args()
 
-    model, vae, cfg, info, latent_shape = load_generator(args.checkpoint)
+    pipe = load_pipeline(args.checkpoint)
+    model, vae, latent_shape = pipe.transformer, pipe.frozen_vae(), pipe.latent_shape
     classifier, cinfo = load_classifier()
-    cfg_scale = cfg.sampler.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    cfg_scale = pipe.config.guidance_scale if args.cfg_scale is None else args.cfg_scale
     labels = [i % 10 for i in range(args.num_samples)]
     rows = []
     for solver, settings in GRID.items():
@@ -53,7 +55,7 @@ def main() -> None:
             kw = dict(atol=setting, rtol=setting) if solver == "dopri5" else dict(steps=setting)
             start = time.perf_counter()
             res = sample_images(model, vae, latent_shape, labels, solver=solver, cfg_scale=cfg_scale,
-                                guidance_interval=cfg.sampler.guidance_interval, seed=args.seed, **kw)
+                                guidance_interval=pipe.config.guidance_interval, seed=args.seed, **kw)
             seconds = time.perf_counter() - start
             m = evaluate_images(res.images, res.labels, classifier)
             rows.append({"solver": solver, "setting": setting, "nfe": res.nfe, "fd": m["fd"],
@@ -75,7 +77,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{cfg.model.name}, cfg {cfg_scale:g}, {args.num_samples} samples, seed {args.seed}", fontsize=10)
+    fig.suptitle(f"{type(model).__name__}, cfg {cfg_scale:g}, {args.num_samples} samples, seed {args.seed}", fontsize=10)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out)

@@ -125,7 +125,7 @@ def run_bench(s: BenchSettings, device: Optional[torch.device] = None, log: Call
 
     def new_model():
         torch.manual_seed(0)
-        m = create_model(model_name, input_size=s.latent_size, in_channels=4, num_classes=10).to(device)
+        m = create_model(model_name, sample_size=s.latent_size, in_channels=4, num_classes=10).to(device)
         return m, torch.optim.AdamW(m.parameters(), lr=1e-4)
 
     model, opt = new_model()

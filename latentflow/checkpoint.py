@@ -1,61 +1,89 @@
-"""Run directories, checkpoints and exports.
+"""Run directories, checkpoints, and what a path on the command line points to.
 
 A run lives in one directory, never reused by another run::
 
-    <output-dir>/<name>-<YYYYmmdd-HHMMSS>/
-        config.yaml                 resolved experiment config
-        log.jsonl                   loss readings and per-epoch summaries
+    <output-dir>/<name>[+key=value...]-<YYYYmmdd-HHMMSS>/
+        .lock                       pid and host of the one process that trains it
+        config.yaml                 the resolved experiment config
+        log.jsonl                   one JSON record per log interval and per epoch
         figures/                    epoch_001.png ..., final.png, loss.png
-        checkpoints/epoch_0003/     model, ema (safetensors), optimizer.pt, state.json
-        export/                     EMA weights (safetensors) + config: all sampling needs
+        checkpoints/step_00000350/  model.safetensors, ema.safetensors, optimizer.pt,
+                                    rng.pt, state.json
+        export/                     a LatentFlowPipeline directory (see pipeline.py)
 
-A checkpoint is written into a hidden temporary directory and renamed into place once
-complete, so an interrupt, a crash or a full disk leaves either the whole new checkpoint or
-none, and the previous one untouched. ``latest_checkpoint`` only trusts renamed ones.
-Everything loads with safetensors or ``torch.load(weights_only=True)``.
+The ``+key=value`` part names the ``--set`` overrides that change what is trained, so that
+``--resume latest`` finds the run that was started with the same overrides.
+
+Every checkpoint is written by ``runtime.atomic_dir``: a directory under its final name is
+complete. ``state.json`` describes the checkpoint fully (backbone class and constructor
+arguments, classes, latent shape, VAE identity, the training state), so sampling, export
+and resume need nothing else. Weights load with safetensors, the optimizer and random
+states with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import pickle
 import re
 import shutil
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ExperimentConfig, config_from_dict, config_to_dict, save_config
-from .errors import LatentflowError
+from .config import EXTENSIBLE_TRAIN_FIELDS
+from .errors import CheckpointError
+from .runtime import atomic_dir
 
 __all__ = [
-    "CheckpointError",
+    "CHECKPOINT_FORMAT",
+    "Source",
+    "checkpoints_of",
     "latest_checkpoint",
     "load_checkpoint",
-    "load_export",
     "new_run_dir",
     "resolve_resume",
+    "resolve_source",
+    "run_base_name",
+    "runs_of",
     "save_checkpoint",
-    "save_export",
 ]
 
-_EPOCH_DIR = re.compile(r"^epoch_(\d{4,})$")
+CHECKPOINT_FORMAT = 2
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_LEGACY_DIR = re.compile(r"^epoch_(\d{4,})$")  # checkpoints of format 1
+_STAMP = r"\d{8}-\d{6}(?:-\d+)?"
+STATE_KEYS = ("format", "step", "epoch", "train_state", "model", "num_classes", "latent_shape", "vae")
 
 
-class CheckpointError(LatentflowError):
-    pass
+# --- run directories ------------------------------------------------------------------------
 
 
-def new_run_dir(output_dir: Path, name: str) -> Path:
-    """Create ``<output_dir>/<name>-<timestamp>[-k]``, never an existing directory."""
+def run_base_name(name: str, overrides: Sequence[str] = ()) -> str:
+    """``name`` plus the ``--set`` overrides that change what is trained (``+model.name=DiT-S_2``);
+    overrides of the fields a continued run may change do not rename it."""
+    tags = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key == "name" or (key.startswith("train.") and key[6:] in EXTENSIBLE_TRAIN_FIELDS):
+            continue
+        tags.append(f"+{key}={re.sub(r'[^A-Za-z0-9._-]', '_', value.strip())}")
+    return name + "".join(sorted(tags))
+
+
+def new_run_dir(output_dir: Path, base: str) -> Path:
+    """Create ``<output_dir>/<base>-<timestamp>[-k]``, never an existing directory."""
     output_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for k in range(1000):
-        run = output_dir / (f"{name}-{stamp}" + (f"-{k}" if k else ""))
+        run = output_dir / (f"{base}-{stamp}" + (f"-{k}" if k else ""))
         try:
             run.mkdir()
             return run
@@ -64,121 +92,191 @@ def new_run_dir(output_dir: Path, name: str) -> Path:
     raise CheckpointError(f"could not create a new run directory in {output_dir}")
 
 
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2))
+def runs_of(output_dir: Path, base: str) -> List[Path]:
+    """Run directories of exactly this experiment (``smoke`` never matches ``smoke-big``)."""
+    if not output_dir.is_dir():
+        return []
+    pattern = re.compile(rf"^{re.escape(base)}-{_STAMP}$")
+    return sorted(p for p in output_dir.iterdir() if p.is_dir() and pattern.match(p.name))
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def checkpoints_of(run_dir: Path) -> List[Tuple[int, Path]]:
+    """Complete checkpoints of a run as (step, path), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return sorted((s, p) for s, p in found if (p / "state.json").is_file())
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = checkpoints_of(run_dir)
+    return found[-1][1] if found else None
+
+
+def _contiguous(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
 def save_checkpoint(
     run_dir: Path,
-    epoch: int,
-    model_state: Dict[str, torch.Tensor],
-    ema_state: Dict[str, torch.Tensor],
-    optimizer_state: dict,
+    step: int,
+    *,
+    model: Dict[str, torch.Tensor],
+    ema: Dict[str, torch.Tensor],
+    optimizer: dict,
+    rng: dict,
     state: dict,
-    keep: int = 2,
+    keep: int,
 ) -> Path:
-    """Write checkpoint ``epoch`` atomically, then delete all but the newest ``keep``."""
-    ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(exist_ok=True)
-    final = ckpt_root / f"epoch_{epoch:04d}"
-    tmp = ckpt_root / f".epoch_{epoch:04d}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-        save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        _write_json(tmp / "state.json", state)
-        if final.exists():  # re-saving an epoch (after a resume): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"could not write checkpoint {final} ({exc.strerror or exc}); earlier checkpoints are intact"
-        ) from None
-    complete = sorted(p for p in ckpt_root.iterdir() if _EPOCH_DIR.match(p.name))
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Write checkpoint ``step`` atomically, then delete the oldest beyond ``keep``."""
+    final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+    model, ema = _contiguous(model), _contiguous(ema)
+    needed = 3 * sum(t.nbytes for t in model.values()) + sum(t.nbytes for t in ema.values())
+    with atomic_dir(final, "checkpoint", needed, intact="earlier checkpoints are intact") as tmp:
+        save_file(model, str(tmp / "model.safetensors"))
+        save_file(ema, str(tmp / "ema.safetensors"))
+        torch.save(optimizer, tmp / "optimizer.pt")
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, **state}, indent=2))
+    complete = checkpoints_of(run_dir)
+    for _, old in complete[: max(0, len(complete) - keep)]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint of a run, or None."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = [p for p in root.iterdir() if _EPOCH_DIR.match(p.name) and (p / "state.json").is_file()]
-    return max(done, key=lambda p: int(_EPOCH_DIR.match(p.name).group(1)), default=None)
-
-
-def load_checkpoint(ckpt: Path, device="cpu") -> dict:
+def read_state(ckpt: Path) -> dict:
+    """``state.json`` of a checkpoint, checked for the keys every reader needs."""
+    path = Path(ckpt) / "state.json"
     try:
-        return {
-            "model": load_file(str(ckpt / "model.safetensors"), device=str(device)),
-            "ema": load_file(str(ckpt / "ema.safetensors"), device=str(device)),
-            "optimizer": torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True),
-            "state": json.loads((ckpt / "state.json").read_text()),
-        }
-    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise CheckpointError(f"checkpoint {ckpt} is unreadable ({type(exc).__name__}: {exc})") from None
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete (no state.json); use an earlier one") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is unreadable ({exc}); use an earlier checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format", 1) if isinstance(state, dict) else "?"
+        raise CheckpointError(
+            f"checkpoint {ckpt} has format {found}, this latentflow reads format {CHECKPOINT_FORMAT}; "
+            "it was written by another release"
+        )
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; the checkpoint is damaged, use an earlier one")
+    return state
 
 
-def resolve_resume(resume: str, output_dir: Path, name: str) -> Optional[Tuple[Path, Path]]:
+def load_checkpoint(ckpt: Path, parts: Sequence[str] = ("model", "ema", "optimizer", "rng")) -> dict:
+    """Load a checkpoint's ``parts`` onto the CPU (callers move them; a device such as
+    Accelerate's ``cpu:0`` is not a valid safetensors device)."""
+    ckpt = Path(ckpt)
+    out = {"state": read_state(ckpt)}
+    files = {"model": "model.safetensors", "ema": "ema.safetensors", "optimizer": "optimizer.pt", "rng": "rng.pt"}
+    for part in parts:
+        path = ckpt / files[part]
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} is incomplete (no {path.name}); use an earlier one")
+        try:
+            if path.suffix == ".safetensors":
+                out[part] = load_file(str(path))
+            else:
+                with warnings.catch_warnings():  # a foreign pickle protocol warns before it fails
+                    warnings.simplefilter("ignore")
+                    out[part] = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, ValueError, RuntimeError, SafetensorError, EOFError, pickle.UnpicklingError) as exc:
+            text = str(exc)
+            if "weights_only" in text or "Unsupported global" in text:
+                why = "it holds pickled Python objects, which are not loaded for safety; it was not written by latentflow"
+            else:
+                why = f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else 'unreadable'}"
+            raise CheckpointError(f"{path} cannot be loaded ({why}); use an earlier checkpoint") from None
+    return out
+
+
+# --- what a path on the command line is -----------------------------------------------------
+
+
+@dataclass
+class Source:
+    """A trained model on disk: ``kind`` is 'export' (a pipeline directory), 'checkpoint'
+    or 'legacy-export' (format 1); ``run_dir`` is its run, where known."""
+
+    kind: str
+    path: Path
+    run_dir: Optional[Path]
+
+
+def _is_pipeline(path: Path) -> bool:
+    return (path / "model_index.json").is_file()
+
+
+def _is_legacy_export(path: Path) -> bool:
+    return (path / "export.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and ((path / "checkpoints").is_dir() or (path / "export").is_dir())
+
+
+def resolve_source(path: Path, flag: str = "--checkpoint") -> Source:
+    """An export, a run directory (its export, else its newest checkpoint) or a checkpoint."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{flag} {path}: no such directory; pass a run directory, a checkpoint or an export")
+    if not path.is_dir():
+        raise CheckpointError(f"{flag} {path} is a file; pass a run directory, a checkpoint or an export directory")
+    if _is_pipeline(path):
+        run = path.parent if _is_run(path.parent) else None
+        return Source("export", path, run)
+    if _is_legacy_export(path):
+        return Source("legacy-export", path, path.parent if _is_run(path.parent) else None)
+    if _STEP_DIR.match(path.name) and path.parent.name == "checkpoints":
+        read_state(path)
+        return Source("checkpoint", path, path.parent.parent)
+    if _LEGACY_DIR.match(path.name) or any(_LEGACY_DIR.match(p.name) for p in (path / "checkpoints").glob("epoch_*")):
+        if not (path / "export").is_dir() and not checkpoints_of(path):
+            raise CheckpointError(
+                f"{flag} {path}: its checkpoints have format 1 (epoch_NNNN) from an earlier latentflow; "
+                "sample from its export/ instead, or train anew"
+            )
+    if (path / "export").is_dir() and (_is_pipeline(path / "export") or _is_legacy_export(path / "export")):
+        return resolve_source(path / "export", flag)
+    ckpt = latest_checkpoint(path)
+    if ckpt is not None:
+        return Source("checkpoint", ckpt, path)
+    if (path / "config.yaml").is_file():
+        raise CheckpointError(f"{flag} {path}: this run has no complete checkpoint or export yet")
+    raise CheckpointError(f"{flag} {path} is neither an export, a run directory nor a checkpoint of latentflow")
+
+
+def resolve_resume(resume: str, output_dir: Path, base: str) -> Optional[Tuple[Path, Path]]:
     """``--resume latest|RUN_DIR|CHECKPOINT_DIR`` -> (run directory, checkpoint), or None
-    when ``latest`` finds nothing to resume."""
+    when ``latest`` finds no run of this experiment with a checkpoint."""
     if resume == "latest":
-        runs = [p for p in output_dir.glob(f"{name}-*") if p.is_dir() and latest_checkpoint(p)] if output_dir.is_dir() else []
+        runs = [r for r in runs_of(output_dir, base) if latest_checkpoint(r) is not None]
         if not runs:
             return None
-        run = max(runs, key=lambda p: (latest_checkpoint(p) / "state.json").stat().st_mtime)
+        run = max(runs, key=lambda r: (latest_checkpoint(r) / "state.json").stat().st_mtime)
         return run, latest_checkpoint(run)
     path = Path(resume).expanduser()
     if not path.exists():
         raise CheckpointError(f"--resume {resume}: no such directory; pass a run directory, a checkpoint or 'latest'")
-    if _EPOCH_DIR.match(path.name) and path.parent.name == "checkpoints":
-        if not (path / "state.json").is_file():
-            raise CheckpointError(f"--resume {resume}: checkpoint is incomplete (no state.json); use its run directory")
+    if _is_pipeline(path) or _is_legacy_export(path):
+        raise CheckpointError(
+            f"--resume {resume} is an export (for sampling); pass its run directory or a checkpoint under it"
+        )
+    if _STEP_DIR.match(path.name) and path.parent.name == "checkpoints":
+        read_state(path)
         return path.parent.parent, path
+    if not (path / "config.yaml").is_file():
+        raise CheckpointError(f"--resume {resume}: not a run directory (no config.yaml); pass a run directory or a checkpoint")
     ckpt = latest_checkpoint(path)
     if ckpt is None:
-        raise CheckpointError(f"--resume {resume}: no complete checkpoint in {path / 'checkpoints'}")
+        legacy = any(_LEGACY_DIR.match(p.name) for p in (path / "checkpoints").glob("epoch_*"))
+        why = "its checkpoints have format 1 from an earlier latentflow" if legacy else "it has no complete checkpoint"
+        raise CheckpointError(f"--resume {resume}: cannot continue this run ({why}); start a new run")
     return path, ckpt
-
-
-def save_export(run_dir: Path, ema_state: Dict[str, torch.Tensor], cfg: ExperimentConfig, info: dict) -> Path:
-    """EMA weights + resolved config + model facts: all that ``sample`` needs."""
-    out = run_dir / "export"
-    tmp = run_dir / f".export.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / "model.safetensors"))
-    save_config(cfg, tmp / "config.yaml")
-    _write_json(tmp / "export.json", info)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
-
-
-def load_export(path: Path) -> Tuple[Dict[str, torch.Tensor], ExperimentConfig, dict]:
-    """Load an export directory, or a run directory (its export, else its newest EMA)."""
-    import yaml
-
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(f"--checkpoint {path}: no such directory; pass a run directory or its export/")
-    if (path / "export" / "export.json").is_file():
-        path = path / "export"
-    if (path / "export.json").is_file():
-        weights, cfg_file, info = path / "model.safetensors", path / "config.yaml", json.loads((path / "export.json").read_text())
-    else:
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise CheckpointError(f"--checkpoint {path}: neither an export nor a run with a complete checkpoint")
-        weights, cfg_file, info = ckpt / "ema.safetensors", path / "config.yaml", json.loads((ckpt / "state.json").read_text())
-    try:
-        cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
-        return load_file(str(weights)), cfg, info
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise CheckpointError(f"{path}: cannot load weights or config ({exc})") from None

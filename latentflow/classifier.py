@@ -108,14 +108,10 @@ def train_classifier(out: Path, epochs: int = 15, batch_size: int = 64, lr: floa
     info = {"width": 32, "test_accuracy": acc, "test_set": "bundled MNIST test split (500 digits)",
             "train_set": "bundled MNIST train split (4500 digits), random shifts of up to 2 px",
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "train_seconds": round(seconds, 1)}
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), str(tmp / "model.safetensors"))
-    (tmp / "classifier.json").write_text(json.dumps(info, indent=2))
-    if out.exists():
-        import shutil
+    from .runtime import atomic_dir
 
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out, "classifier") as tmp:
+        save_file(model.state_dict(), str(tmp / "model.safetensors"))
+        (tmp / "classifier.json").write_text(json.dumps(info, indent=2))
     print(f"saved {out}: held-out accuracy {acc:.2%}, trained {seconds:.0f} s")
     return info

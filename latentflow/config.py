@@ -13,6 +13,7 @@ values, raising ``ConfigError`` with the key path and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import yaml
 from .errors import ConfigError
 
 __all__ = [
+    "EXTENSIBLE_TRAIN_FIELDS",
     "DataConfig",
     "ExperimentConfig",
     "FlowConfig",
@@ -171,17 +173,24 @@ class TrainConfig:
     """Optimizer steps between loss readings (the only host syncs in the loop)."""
     max_nonfinite: int = 20
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    checkpoint_every: int = 0
+    """Also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only)."""
     keep_checkpoints: int = 2
-    """Per-epoch checkpoints kept on disk (older ones are deleted once a newer is complete)."""
+    """Checkpoints kept on disk, newest by step (older ones are deleted once a newer is complete)."""
 
     def validate(self) -> None:
         for key in ("epochs", "batch_size", "lr", "grad_accum", "log_every", "max_nonfinite", "keep_checkpoints"):
             _positive(f"train.{key}", getattr(self, key))
-        for key in ("weight_decay", "warmup_steps", "grad_clip"):
+        for key in ("weight_decay", "warmup_steps", "grad_clip", "seed", "checkpoint_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
+
+
+# Fields that may differ when a run is continued: changing them extends or re-paces a run
+# without changing what is trained. Any other difference makes --resume refuse the run.
+EXTENSIBLE_TRAIN_FIELDS = ("epochs", "log_every", "max_nonfinite", "checkpoint_every", "keep_checkpoints")
 
 
 @dataclass
@@ -244,10 +253,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # '.inf' and '.nan' parse as floats; no field wants them
+                raise ConfigError(f"{key} must be a finite number, got {value}")
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import os
 import shutil
 import struct
-import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -34,6 +35,7 @@ from torch.utils.data import Dataset
 
 from .config import DataConfig
 from .errors import DataError
+from .runtime import atomic_file
 
 __all__ = [
     "ImageDataset",
@@ -156,6 +158,8 @@ def read_idx(path: Path) -> np.ndarray:
     if data[2] != 0x08:
         raise DataError(f"{path}: IDX data type 0x{data[2]:02x} is not unsigned byte (0x08)")
     ndim = data[3]
+    if ndim == 0 or len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: IDX header is truncated ({len(data)} bytes for {ndim} dimensions); download it again")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -176,6 +180,10 @@ def _md5(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class _FetchFailed(Exception):
+    """One mirror failed (network or checksum); the next is tried."""
 
 
 def download_mnist(
@@ -199,21 +207,19 @@ def download_mnist(
         failures = []
         for mirror in mirrors:
             url = mirror.rstrip("/") + "/" + name
-            fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".part")
             try:
-                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-                    shutil.copyfileobj(resp, out)
-                got = _md5(Path(tmp))
-                if got != md5[name]:
-                    failures.append(f"{url}: checksum {got} != expected {md5[name]}")
-                    continue
-                os.replace(tmp, root / name)
+                with atomic_file(root / name, "download") as tmp:  # a file appears only once verified
+                    try:
+                        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+                            shutil.copyfileobj(resp, out)
+                    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
+                        raise _FetchFailed(f"{url}: {getattr(exc, 'reason', exc)}") from None
+                    got = _md5(tmp)
+                    if got != md5[name]:
+                        raise _FetchFailed(f"{url}: checksum {got} != expected {md5[name]}")
                 break
-            except OSError as exc:
-                failures.append(f"{url}: {getattr(exc, 'reason', exc)}")
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            except _FetchFailed as exc:
+                failures.append(str(exc))
         else:
             raise DataError(
                 f"could not download {name} into {root} ({'; '.join(failures)}); "
@@ -249,6 +255,10 @@ def load_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, int]:
     """-> images uint8, labels int64 (zeros if absent), num_classes (0 if unlabelled)."""
     if not path.is_file():
         raise DataError(f"npz file {path} not found; check data.path")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not an .npz file (not a zip archive); write it with numpy.savez(path, images=..., labels=...)")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -270,10 +280,31 @@ def load_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, int]:
         raise DataError(f"{path}: 'labels' has dtype {labels.dtype}; expected integers 0..K-1")
     if labels.min() < 0:
         raise DataError(f"{path}: label {labels.min()} is negative; expected integers 0..K-1")
-    return images, labels.astype(np.int64), int(labels.max()) + 1
+    num_classes, distinct = int(labels.max()) + 1, len(np.unique(labels))
+    if num_classes > max(2 * distinct, distinct + 16):  # a stray label would size the model by it
+        raise DataError(
+            f"{path}: labels run up to {labels.max()} but only {distinct} distinct values occur; "
+            f"relabel them 0..{distinct - 1}"
+        )
+    return images, labels.astype(np.int64), num_classes
 
 
 # --- entry point -----------------------------------------------------------------------------
+
+
+def _check_memory(n: int, channels: int, size: int, origin: str) -> None:
+    """Refuse an in-memory dataset that would not fit: resizing holds float32 copies."""
+    needed = n * channels * size * size * 5  # uint8 result + a float32 working copy
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if needed > 0.5 * total:
+        raise DataError(
+            f"{origin}: {n} images at data.image_size={size} need about {needed / 2**30:.1f} GB in memory, more "
+            f"than half of this machine's {total / 2**30:.0f} GB; lower data.image_size or data.max_items"
+        )
+
 
 
 def build_dataset(cfg: DataConfig, channels: int) -> ImageDataset:
@@ -291,5 +322,6 @@ def build_dataset(cfg: DataConfig, channels: int) -> ImageDataset:
         origin = str(cfg.path)
     if cfg.max_items is not None:
         images, labels = images[: cfg.max_items], labels[: cfg.max_items]
+    _check_memory(len(images), channels, cfg.image_size, origin)
     x = to_model_images(images, cfg.image_size, channels, origin)
     return ImageDataset(x, torch.from_numpy(labels), num_classes, origin)

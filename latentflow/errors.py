@@ -1,4 +1,4 @@
-"""One exception type for mistakes a user can fix. The CLI prints its message as a single
+"""One exception family for mistakes a user can fix. The CLI prints its message as a single
 line (``error: ...``) instead of a traceback, so every message names the file or value at
 fault and says what to do."""
 
@@ -13,3 +13,20 @@ class ConfigError(LatentflowError):
 
 class DataError(LatentflowError):
     pass
+
+
+class CheckpointError(LatentflowError):
+    """A run, checkpoint or export that cannot be used as asked."""
+
+
+class DiskError(LatentflowError):
+    """Writing a checkpoint, export, cache or asset failed; what existed before is intact."""
+
+
+class TrainingDiverged(LatentflowError):
+    """Loss, gradients or weights became non-finite."""
+
+
+class PeerLost(LatentflowError):
+    """Another process of a distributed run died or stalled. Every surviving process
+    reports it, since the main process may be the one that is gone."""

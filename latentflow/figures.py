@@ -10,7 +10,15 @@ import numpy as np
 from einops import rearrange
 from PIL import Image
 
-__all__ = ["image_grid", "save_grid", "save_loss_by_time", "save_loss_curve", "save_reconstruction_figure"]
+__all__ = [
+    "class_grid_labels",
+    "image_grid",
+    "save_grid",
+    "save_loss_by_time",
+    "save_loss_curve",
+    "save_reconstruction_figure",
+    "save_trajectory",
+]
 
 
 def image_grid(images: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> np.ndarray:
@@ -24,14 +32,15 @@ def image_grid(images: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> 
     return np.pad(grid, ((0, pad), (0, pad), (0, 0)), constant_values=fill)
 
 
-def save_grid(images: np.ndarray, path: Path, ncol: int, scale: int = 2) -> Path:
+def save_grid(images: np.ndarray, path: Path, ncol: int, scale: int = 2, format: Optional[str] = None) -> Path:
+    """Write a grid image; ``format`` when the path has no telling suffix (a temporary)."""
     path = Path(path)
     grid = image_grid(images, ncol)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    img.save(path, format=format)
     return path
 
 
@@ -110,3 +119,32 @@ def class_grid_labels(num_classes: int, per_class: int) -> Sequence[int]:
     if num_classes == 0:
         return None
     return [c for c in range(num_classes) for _ in range(per_class)]
+
+
+def save_trajectory(frames: Sequence[np.ndarray], times: Sequence[float], path: Path, max_rows: int = 8,
+                    title: Optional[str] = None) -> Path:
+    """Decoded x_t along the ODE path: one row per sample, one column per time (t = 0 noise
+    on the left, t = 1 data on the right). ``frames``: uint8 (N, H, W, C) per time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = min(max_rows, len(frames[0])), len(frames)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols, 1.1 * rows + 0.4), dpi=100, squeeze=False)
+    for j, (frame, t) in enumerate(zip(frames, times)):
+        for i in range(rows):
+            ax = axes[i, j]
+            img = frame[i]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                      vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"t = {t:.2f}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path

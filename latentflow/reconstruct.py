@@ -8,7 +8,7 @@ reconstruction / |difference| figure.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -19,7 +19,7 @@ from .metrics import reconstruction_metrics
 from .sampling import to_uint8
 from .vae import FrozenVAE
 
-__all__ = ["reconstruct"]
+__all__ = ["reconstruct", "reconstruction_check"]
 
 
 @torch.no_grad()
@@ -48,4 +48,37 @@ def reconstruct(
     )
     k = min(show, n)
     save_reconstruction_figure(to_uint8(originals[:k]), to_uint8(recons[:k]), figure)
+    return metrics
+
+
+def reconstruction_check(
+    vae_name: str = "embedded",
+    subfolder: Optional[str] = None,
+    data: Optional[Dict[str, object]] = None,
+    num_images: int = 500,
+    out: Optional[Path] = None,
+) -> Dict:
+    """``python main.py reconstruct``: load a VAE, run ``reconstruct`` on the data described
+    by ``data`` (keys of the ``data:`` section; default the bundled test digits), and write
+    the figure plus its numbers as JSON beside it (default ``runs/reconstruct-<time>/``)."""
+    import json
+
+    from .checkpoint import new_run_dir
+    from .config import _build
+    from .runtime import write_text_atomic
+
+    values = {"split": "test", **(data or {})}
+    data_cfg = _build(DataConfig, values, "data.")
+    data_cfg.validate()
+    vae = FrozenVAE.from_pretrained(vae_name, subfolder)
+    figure = Path(out) if out else new_run_dir(Path("runs"), "reconstruct") / "reconstruction.png"
+    metrics = reconstruct(vae, data_cfg, figure, num_images=num_images)
+    write_text_atomic(figure.with_suffix(".json"), json.dumps({"vae": vae_name, "data": vars(data_cfg), **metrics},
+                                                               indent=2), "reconstruction report")
+    metrics["summary"] = (
+        f"VAE {vae_name}: PSNR {metrics['psnr']:.2f} dB (pooled {metrics['psnr_pooled']:.2f} dB), "
+        f"SSIM {metrics['ssim']:.4f} on {metrics['num_images']} images; scaled latents "
+        f"{tuple(metrics['latent_shape'])} mean {metrics['latent_mean']:+.3f} std {metrics['latent_std']:.3f}; "
+        f"figure {figure}"
+    )
     return metrics

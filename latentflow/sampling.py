@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional, Sequence
+from typing import Callable, ContextManager, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .config import SamplerConfig
 from .solvers import integrate
 from .vae import FrozenVAE
 
-__all__ = ["SampleResult", "guided_velocity", "load_generator", "sample_images", "to_uint8"]
+__all__ = ["SampleResult", "guided_velocity", "sample_images", "to_uint8"]
+
+_DEFAULTS = SamplerConfig()  # the one place sampler defaults live
 
 
 def guided_velocity(
@@ -66,6 +69,9 @@ class SampleResult:
     images: np.ndarray  # uint8 (N, H, W, C)
     labels: np.ndarray  # int64 (N,), -1 for unconditional
     nfe: int  # velocity evaluations per batch (each counts a guided pair once)
+    latents: Optional[torch.Tensor] = None  # model-space x1 (N, c, h, w), if asked for
+    trajectory: Optional[List[np.ndarray]] = None  # decoded x_t, uint8 (N, H, W, C) per time
+    times: Optional[List[float]] = None
 
 
 @torch.no_grad()
@@ -76,52 +82,57 @@ def sample_images(
     labels: Optional[Sequence[int]] = None,
     num_samples: Optional[int] = None,
     *,
-    solver: str = "heun",
-    steps: int = 10,
-    cfg_scale: float = 1.0,
-    guidance_interval: Optional[Sequence[float]] = None,
-    atol: float = 1e-5,
-    rtol: float = 1e-5,
+    solver: str = _DEFAULTS.solver,
+    steps: int = _DEFAULTS.steps,
+    cfg_scale: float = _DEFAULTS.cfg_scale,
+    guidance_interval: Optional[Sequence[float]] = _DEFAULTS.guidance_interval,
+    atol: float = _DEFAULTS.atol,
+    rtol: float = _DEFAULTS.rtol,
     seed: int = 0,
+    generator: Optional[torch.Generator] = None,
     batch_size: int = 500,
     autocast: Optional[Callable[[], ContextManager]] = None,
+    decode: bool = True,
+    trajectory_times: int = 0,
 ) -> SampleResult:
     """Draw images. ``labels`` (one per sample) or ``num_samples`` unconditional ones.
 
-    The noise comes from a CPU generator seeded with ``seed``, so the same seed gives the
-    same samples on any device and in any batch size.
+    The noise comes from ``generator`` (a CPU generator), else one seeded with ``seed``, so
+    the same seed gives the same samples on any device and in any batch size.
+    ``trajectory_times > 0`` also decodes x_t at that many evenly spaced times (fixed-step
+    solvers: at step boundaries) for the trajectory figure.
     """
     device = next(model.parameters()).device
     n = len(labels) if labels is not None else int(num_samples)
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *latent_shape), generator=gen)  # (N, c, h, w)
     label_t = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
     autocast = autocast or contextlib.nullcontext
-    out, nfe = [], 0
+    images, latents, traj, times, nfe = [], [], [], None, 0
     model.eval()
     for start in range(0, n, batch_size):
         x0 = noise[start : start + batch_size].to(device)
         y = None if label_t is None else label_t[start : start + batch_size].to(device)
         with autocast():
             result = integrate(
-                guided_velocity(model, y, cfg_scale, guidance_interval), x0, solver, steps, atol=atol, rtol=rtol
+                guided_velocity(model, y, cfg_scale, guidance_interval), x0, solver, steps, atol=atol, rtol=rtol,
+                keep_trajectory=trajectory_times > 0,
             )
         nfe = max(nfe, result.nfe)
-        out.append(to_uint8(vae.decode(result.x.float())))
+        x1 = result.x.float()  # (B, c, h, w)
+        latents.append(x1.cpu())
+        if decode:
+            images.append(to_uint8(vae.decode(x1)))
+        if trajectory_times > 0:
+            pick = np.unique(np.linspace(0, len(result.trajectory) - 1, trajectory_times).round().astype(int))
+            times = [result.times[i] for i in pick]
+            traj.append([to_uint8(vae.decode(result.trajectory[i].float())) for i in pick])
     labels_np = np.full(n, -1, dtype=np.int64) if label_t is None else label_t.numpy()
-    return SampleResult(np.concatenate(out), labels_np, nfe)
-
-
-def load_generator(checkpoint, device="cpu"):
-    """(model, vae, cfg, info, latent_shape) from a run directory or an export."""
-    from .checkpoint import load_export
-    from .models import create_model
-
-    state, cfg, info = load_export(checkpoint)
-    vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder).to(device)
-    latent_shape = vae.latent_shape(cfg.data.image_size)
-    model = create_model(
-        cfg.model.name, input_size=latent_shape[1], in_channels=latent_shape[0], num_classes=info.get("num_classes", 10)
+    return SampleResult(
+        images=np.concatenate(images) if decode else np.zeros((0,), np.uint8),
+        labels=labels_np,
+        nfe=nfe,
+        latents=torch.cat(latents),
+        trajectory=[np.concatenate([b[k] for b in traj]) for k in range(len(traj[0]))] if traj else None,
+        times=times,
     )
-    model.load_state_dict(state)
-    return model.to(device).eval(), vae, cfg, info, latent_shape

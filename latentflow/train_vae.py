@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from .config import DataConfig
 from .data import build_dataset
 from .errors import LatentflowError
 from .metrics import reconstruction_metrics
+from .runtime import atomic_dir
 
 __all__ = ["VAETrainArgs", "build_autoencoder", "train_vae"]
 
@@ -148,9 +148,6 @@ def train_vae(args: VAETrainArgs, cpu: bool = False) -> dict:
     metrics, _ = _evaluate(vae, test_loader, "cpu")
     mean_c, std_c = normalize_latents(vae, train_set)
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp, safe_serialization=True)
     report = {
         "held_out": metrics,
         "train_seconds": round(train_seconds, 1),
@@ -161,10 +158,9 @@ def train_vae(args: VAETrainArgs, cpu: bool = False) -> dict:
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(args).items()},
         "device": str(device),
     }
-    (tmp / "training.json").write_text(json.dumps(report, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out, "VAE") as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "training.json").write_text(json.dumps(report, indent=2))
     accelerator.print(
         f"saved {out}: held-out PSNR {metrics['psnr']:.2f} dB (pooled {metrics['psnr_pooled']:.2f}), "
         f"SSIM {metrics['ssim']:.4f}, trained {train_seconds / 60:.1f} min"

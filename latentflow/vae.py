@@ -76,7 +76,7 @@ def _load_autoencoder(name: str, subfolder: Optional[str]):
         pass
     hint = (
         f"cannot load VAE {name!r}: it is not in the local Hugging Face cache and the Hub is unreachable; "
-        f"on a connected machine run `huggingface-cli download {name} --local-dir DIR`, copy DIR here "
+        f"on a connected machine run `hf download {name} --local-dir DIR`, copy DIR here "
         f"and pass vae.pretrained=DIR"
     )
     if not _hub_reachable():
@@ -96,16 +96,32 @@ class FrozenVAE:
         config = autoencoder.config
         self.scaling_factor = float(config.scaling_factor)
         self.shift_factor = float(config.shift_factor or 0.0)
+        self.in_channels = int(config.in_channels)
+        self.latent_channels = int(config.latent_channels)
         per_channel = getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None
         if per_channel:  # (1, C, 1, 1) so that they broadcast over latents (B, C, h, w)
-            self._shift = torch.tensor(config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1)
-            self._scale = self.scaling_factor / torch.tensor(config.latents_std, dtype=torch.float32).view(1, -1, 1, 1)
+            mean = torch.tensor(config.latents_mean, dtype=torch.float32).flatten()
+            std = torch.tensor(config.latents_std, dtype=torch.float32).flatten()
+            for key, values in (("latents_mean", mean), ("latents_std", std)):
+                if len(values) != self.latent_channels:
+                    raise VAELoadError(
+                        f"VAE {name}: config {key} has {len(values)} values for {self.latent_channels} latent "
+                        "channels; give one per channel"
+                    )
+            if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+                raise VAELoadError(
+                    f"VAE {name}: config latents_std must be finite and > 0 and latents_mean finite "
+                    f"(got mean {mean.tolist()}, std {std.tolist()})"
+                )
+            self._shift = mean.view(1, -1, 1, 1)
+            self._scale = self.scaling_factor / std.view(1, -1, 1, 1)
         else:
             self._shift = torch.tensor(self.shift_factor).view(1, 1, 1, 1)
             self._scale = torch.tensor(self.scaling_factor).view(1, 1, 1, 1)
+        if not (torch.isfinite(self._scale).all() and (self._scale != 0).all() and torch.isfinite(self._shift).all()):
+            raise VAELoadError(f"VAE {name}: scaling_factor {self.scaling_factor} / shift_factor {self.shift_factor} "
+                               "must be finite and the scale non-zero")
         self.normalization = "per-channel latents_mean/latents_std" if per_channel else "scalar shift/scale"
-        self.in_channels = int(config.in_channels)
-        self.latent_channels = int(config.latent_channels)
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
         self._identity: Optional[str] = None
 
@@ -143,6 +159,11 @@ class FrozenVAE:
                 h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             self._identity = f"{os.path.basename(self.name.rstrip('/'))}@{h.hexdigest()[:16]}"
         return self._identity
+
+    def normalization_lists(self) -> Tuple[list, list]:
+        """(shift, scale) per latent channel: model space = (z - shift) * scale."""
+        c = self.latent_channels
+        return self._shift.expand(1, c, 1, 1).flatten().tolist(), self._scale.expand(1, c, 1, 1).flatten().tolist()
 
     # --- maps ----------------------------------------------------------------------------
 

@@ -1,17 +1,22 @@
-import errno
+import json
+import pickle
 
 import pytest
 import torch
 
-from latentflow import checkpoint as ck
 from latentflow.checkpoint import (
-    CheckpointError,
+    checkpoints_of,
     latest_checkpoint,
     load_checkpoint,
     new_run_dir,
+    read_state,
     resolve_resume,
+    resolve_source,
+    run_base_name,
+    runs_of,
     save_checkpoint,
 )
+from latentflow.errors import CheckpointError
 
 
 def states(value=1.0):
@@ -23,67 +28,96 @@ def states(value=1.0):
     return model.state_dict(), opt.state_dict()
 
 
-def save(run, epoch, keep=2, value=1.0):
+def save(run, step, keep=2, value=1.0):
     model, opt = states(value)
-    return save_checkpoint(run, epoch, model, model, opt, {"epoch": epoch, "step": 10 * epoch}, keep=keep)
+    (run / "config.yaml").write_text("name: exp\n")
+    meta = {"step": step, "epoch": step // 10, "train_state": {}, "model": {"class": "Linear", "config": {}},
+            "num_classes": 10, "latent_shape": [4, 8, 8], "vae": {"identity": "v@0"}}
+    return save_checkpoint(run, step, model=model, ema=model, optimizer={"optimizer": opt, "scaler": None},
+                           rng={"world_size": 1, "ranks": [{"torch": torch.get_rng_state()}]}, state=meta, keep=keep)
 
 
-def test_run_directories_never_collide(tmp_path):
+def test_run_directories_never_collide_and_latest_matches_the_exact_experiment(tmp_path):
     runs = {new_run_dir(tmp_path, "exp") for _ in range(3)}
     assert len(runs) == 3 and all(r.is_dir() and r.name.startswith("exp-") for r in runs)
+    new_run_dir(tmp_path, "exp-big")  # another experiment whose name starts the same
+    new_run_dir(tmp_path, "exp+model.name=DiT-S_2")
+    assert sorted(runs_of(tmp_path, "exp")) == sorted(runs)
+
+
+def test_overrides_that_change_the_experiment_name_the_run():
+    assert run_base_name("default", ["model.name=DiT-S/2", "train.lr=2e-3"]) == "default+model.name=DiT-S_2+train.lr=2e-3"
+    # fields a continued run may change do not rename it, so --resume latest still finds it
+    assert run_base_name("default", ["train.epochs=80", "train.checkpoint_every=100"]) == "default"
 
 
 def test_checkpoints_round_trip_with_safe_loading(tmp_path):
-    path = save(tmp_path, 1, value=0.5)
-    loaded = load_checkpoint(path)  # optimizer state via torch.load(weights_only=True)
-    assert torch.all(loaded["model"]["weight"] != 0)
-    assert loaded["state"] == {"epoch": 1, "step": 10}
-    assert loaded["optimizer"]["state"][0]["exp_avg"].shape == (2, 3)
+    path = save(tmp_path, 10, value=0.5)
+    assert path.name == "step_00000010"
+    loaded = load_checkpoint(path)  # optimizer and RNG via torch.load(weights_only=True)
+    assert torch.all(loaded["model"]["weight"] == loaded["ema"]["weight"])
+    assert loaded["state"]["step"] == 10 and loaded["state"]["format"] == 2
+    assert loaded["optimizer"]["optimizer"]["state"][0]["exp_avg"].shape == (2, 3)
+    assert loaded["rng"]["world_size"] == 1
 
 
-def test_latest_only_trusts_complete_checkpoints_and_old_ones_are_pruned(tmp_path):
-    for epoch in (1, 2, 3):
-        save(tmp_path, epoch)
-    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["epoch_0002", "epoch_0003"]
-    (tmp_path / "checkpoints" / ".epoch_0004.123.tmp").mkdir()  # an interrupted save
-    (tmp_path / "checkpoints" / "epoch_0005").mkdir()  # no state.json: incomplete
-    assert latest_checkpoint(tmp_path).name == "epoch_0003"
+def test_rotation_orders_by_step_and_only_complete_checkpoints_count(tmp_path):
+    for step in (5, 40, 300):  # 300 sorts before 40 as text: rotation must use the number
+        save(tmp_path, step)
+    assert [s for s, _ in checkpoints_of(tmp_path)] == [40, 300]
+    (tmp_path / "checkpoints" / ".step_00000400.tmp-vm-123").mkdir()  # an interrupted save
+    (tmp_path / "checkpoints" / "step_00000500").mkdir()  # no state.json: incomplete
+    assert latest_checkpoint(tmp_path).name == "step_00000300"
 
 
-def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    save(tmp_path, 1)
-
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(ck.torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match="No space left on device.*earlier checkpoints are intact"):
-        save(tmp_path, 2)
-    assert latest_checkpoint(tmp_path).name == "epoch_0001"
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_0001"]
-    load_checkpoint(latest_checkpoint(tmp_path))
+def test_a_damaged_checkpoint_is_named_with_its_part(tmp_path):
+    path = save(tmp_path, 10)
+    (path / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match=r"model.safetensors cannot be loaded .*use an earlier checkpoint"):
+        load_checkpoint(path)
+    path = save(tmp_path, 20)
+    (path / "optimizer.pt").write_bytes(pickle.dumps(object()))  # pickled objects: refused safely
+    with pytest.raises(CheckpointError, match="pickled Python objects, which are not loaded for safety"):
+        load_checkpoint(path)
+    path = save(tmp_path, 30)
+    state = json.loads((path / "state.json").read_text())
+    del state["epoch"]
+    (path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="state.json lacks epoch"):
+        read_state(path)
 
 
 def test_resolve_resume(tmp_path):
     assert resolve_resume("latest", tmp_path, "exp") is None  # nothing saved: start fresh
     run = new_run_dir(tmp_path, "exp")
-    save(run, 1)
-    save(run, 2)
-    assert resolve_resume("latest", tmp_path, "exp") == (run, run / "checkpoints" / "epoch_0002")
-    assert resolve_resume(str(run), tmp_path, "exp")[1].name == "epoch_0002"
-    assert resolve_resume(str(run / "checkpoints" / "epoch_0001"), tmp_path, "exp") == (
-        run, run / "checkpoints" / "epoch_0001")
+    save(run, 10)
+    save(run, 20)
+    assert resolve_resume("latest", tmp_path, "exp") == (run, run / "checkpoints" / "step_00000020")
+    assert resolve_resume(str(run), tmp_path, "exp")[1].name == "step_00000020"
+    assert resolve_resume(str(run / "checkpoints" / "step_00000010"), tmp_path, "exp") == (
+        run, run / "checkpoints" / "step_00000010")
     assert resolve_resume("latest", tmp_path, "other") is None
     with pytest.raises(CheckpointError, match="no such directory"):
         resolve_resume(str(tmp_path / "missing"), tmp_path, "exp")
     empty = new_run_dir(tmp_path, "empty")
+    with pytest.raises(CheckpointError, match="not a run directory"):
+        resolve_resume(str(empty), tmp_path, "exp")
+    (empty / "config.yaml").write_text("name: empty\n")
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         resolve_resume(str(empty), tmp_path, "exp")
 
 
-def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
-    path = save(tmp_path, 1)
-    (path / "model.safetensors").write_bytes(b"truncated")
-    with pytest.raises(CheckpointError, match="epoch_0001 is unreadable"):
-        load_checkpoint(path)
+def test_sources_an_export_a_run_and_a_checkpoint(tmp_path):
+    run = new_run_dir(tmp_path, "exp")
+    ckpt = save(run, 10)
+    assert resolve_source(run).kind == "checkpoint" and resolve_source(run).path == ckpt
+    assert resolve_source(ckpt).run_dir == run
+    (run / "export").mkdir()
+    (run / "export" / "model_index.json").write_text("{}")
+    assert resolve_source(run).kind == "export"
+    with pytest.raises(CheckpointError, match="is an export"):
+        resolve_resume(str(run / "export"), tmp_path, "exp")
+    with pytest.raises(CheckpointError, match="is a file"):
+        resolve_source(run / "config.yaml")
+    with pytest.raises(CheckpointError, match="neither an export, a run directory nor a checkpoint"):
+        resolve_source(tmp_path)

@@ -149,8 +149,27 @@ def test_npz_errors(tmp_path, arrays, message):
 
 def test_npz_that_is_not_an_npz(tmp_path):
     (tmp_path / "fake.npz").write_text("<html>")
-    with pytest.raises(DataError, match="fake.npz: not a readable .npz"):
+    with pytest.raises(DataError, match="fake.npz: not an .npz file"):
         build_dataset(DataConfig(source="npz", path=str(tmp_path / "fake.npz")), 1)
     (tmp_path / "empty.npz").write_bytes(b"")
     with pytest.raises(DataError, match="empty.npz"):
         build_dataset(DataConfig(source="npz", path=str(tmp_path / "empty.npz")), 1)
+
+
+def test_a_stray_label_does_not_size_the_model(tmp_path):
+    labels = np.arange(40) % 10
+    labels[7] = 100_000  # one label far beyond the others would make a 100 001-class model
+    np.savez(tmp_path / "stray.npz", images=np.zeros((40, 28, 28), np.uint8), labels=labels)
+    with pytest.raises(DataError, match=r"labels run up to 100000 but only 11 distinct values occur; relabel them 0..10"):
+        build_dataset(DataConfig(source="npz", path=str(tmp_path / "stray.npz")), 1)
+
+
+def test_truncated_idx_header(tmp_path):
+    (tmp_path / "cut-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3, 0, 0]))
+    with pytest.raises(DataError, match="IDX header is truncated"):
+        read_idx(tmp_path / "cut-idx3-ubyte")
+
+
+def test_an_image_size_that_cannot_fit_in_memory_is_refused():
+    with pytest.raises(DataError, match=r"data.image_size=4096 need about .* GB in memory"):
+        build_dataset(DataConfig(image_size=4096), 1)

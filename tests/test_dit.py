@@ -6,7 +6,7 @@ from latentflow.models.dit import DiT, sincos_pos_embed_2d
 
 
 def small(**kw):
-    return create_model("DiT-Nano/2", input_size=8, in_channels=4, num_classes=10, **kw)
+    return create_model("DiT-Nano/2", sample_size=8, in_channels=4, num_classes=10, **kw)
 
 
 def test_registry_has_the_standard_presets():
@@ -58,7 +58,7 @@ def test_output_layer_learns_from_zero_init():
 
 def test_patch_must_divide_latent_size():
     with pytest.raises(ValueError, match="patch size 4 does not divide"):
-        DiT(input_size=6, in_channels=4, patch_size=4, hidden_size=64, depth=1, num_heads=2)
+        DiT(sample_size=6, in_channels=4, patch_size=4, hidden_size=64, depth=1, num_heads=2)
 
 
 def test_position_embedding_is_distinct_per_patch():
@@ -68,6 +68,6 @@ def test_position_embedding_is_distinct_per_patch():
 
 
 def test_unconditional_model_has_only_the_null_label():
-    model = create_model("DiT-Nano/2", input_size=8, in_channels=4, num_classes=0)
+    model = create_model("DiT-Nano/2", sample_size=8, in_channels=4, num_classes=0)
     assert model.null_label == 0 and model.y_embedder.num_embeddings == 1
     assert model(torch.randn(2, 4, 8, 8), torch.rand(2)).shape == (2, 4, 8, 8)

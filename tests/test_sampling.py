@@ -11,7 +11,7 @@ from latentflow.vae import FrozenVAE
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = create_model("DiT-Nano/2", input_size=8, in_channels=4, num_classes=10)
+    m = create_model("DiT-Nano/2", sample_size=8, in_channels=4, num_classes=10)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))

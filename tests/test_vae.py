@@ -85,3 +85,22 @@ def test_embedded_vae_reconstructs_held_out_digits():
     scaled = vae.scale(mean)  # every channel about zero mean, unit variance
     assert scaled.mean(dim=(0, 2, 3)).abs().max() < 0.25
     assert ((scaled.std(dim=(0, 2, 3)) - 1).abs() < 0.25).all()
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"latents_mean": [0.0, 0.0], "latents_std": [1.0] * 4}, "latents_mean has 2 values for 4 latent channels"),
+        ({"latents_mean": [0.0] * 4, "latents_std": [1.0, 0.0, 1.0, 1.0]}, "latents_std must be finite and > 0"),
+        ({"scaling_factor": 0.0}, "must be finite and the scale non-zero"),
+    ],
+)
+def test_bad_latent_statistics_in_the_config_are_one_line(tmp_path, values, message):
+    from diffusers import AutoencoderKL
+
+    path = make_tiny_vae(tmp_path / "bad")
+    auto = AutoencoderKL.from_pretrained(path)
+    auto.register_to_config(**values)
+    auto.save_pretrained(path)
+    with pytest.raises(LatentflowError, match=message):
+        FrozenVAE.from_pretrained(str(path))

@@ -1,31 +1,55 @@
-"""Backbone registry: a backbone registers each of its presets by name, and an experiment's
-``model.name`` picks one. The CLI's choices come from this table, so adding a size or a new
-backbone is one ``register`` call.
+"""Backbone registry. A preset is a name for a backbone class plus constructor arguments;
+an experiment's ``model.name`` picks one, and the config's choices come from this table, so
+adding a size or a backbone is one ``register`` call.
+
+Every backbone is a diffusers ``ModelMixin`` + ``ConfigMixin`` with the same contract,
+``forward(x, t, y=None)`` (latents (B, C, H, W), times (B,) in [0, 1], labels (B,) or None),
+and a ``null_label`` attribute for classifier-free guidance. Its config records everything
+needed to rebuild it, so checkpoints and exports describe themselves.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from dataclasses import dataclass, field
+from typing import Any, Dict, Type
 
 import torch.nn as nn
 
-__all__ = ["MODELS", "create_model", "register"]
-
-MODELS: Dict[str, Callable[..., nn.Module]] = {}
+__all__ = ["MODELS", "MODEL_CLASSES", "Preset", "create_model", "model_from_config", "register"]
 
 
-def register(name: str, builder: Callable[..., nn.Module]) -> None:
+@dataclass(frozen=True)
+class Preset:
+    cls: Type[nn.Module]
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+MODELS: Dict[str, Preset] = {}
+MODEL_CLASSES: Dict[str, Type[nn.Module]] = {}
+
+
+def register(name: str, cls: Type[nn.Module], **kwargs) -> None:
+    """Register preset ``name``: ``cls(**kwargs, **data_kwargs)``."""
     if name in MODELS:
         raise ValueError(f"model {name!r} is registered twice")
-    MODELS[name] = builder
+    MODELS[name] = Preset(cls, dict(kwargs))
+    MODEL_CLASSES.setdefault(cls.__name__, cls)
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Build the registered model ``name`` with data-dependent ``kwargs`` (input_size,
-    in_channels, num_classes)."""
+def create_model(name: str, *, sample_size: int, in_channels: int, num_classes: int) -> nn.Module:
+    """Build preset ``name`` for latents of ``in_channels`` x ``sample_size`` x ``sample_size``
+    and ``num_classes`` classes (0: unconditional)."""
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; registered: {', '.join(MODELS)}")
-    return MODELS[name](**kwargs)
+    preset = MODELS[name]
+    return preset.cls(sample_size=sample_size, in_channels=in_channels, num_classes=num_classes, **preset.kwargs)
+
+
+def model_from_config(class_name: str, config: Dict[str, Any]) -> nn.Module:
+    """Rebuild a backbone from the class name and config a checkpoint recorded."""
+    if class_name not in MODEL_CLASSES:
+        raise KeyError(f"unknown backbone class {class_name!r}; known: {', '.join(MODEL_CLASSES)}")
+    return MODEL_CLASSES[class_name].from_config(config)
 
 
 from . import dit  # noqa: E402,F401  (registers the DiT presets)

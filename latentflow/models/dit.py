@@ -9,6 +9,9 @@ untrained network predicts zero velocity and every block starts as the identity.
 Labels ``0..num_classes-1`` are classes; ``num_classes`` is the null label used for
 classifier-free guidance (and for unconditional models, ``num_classes = 0``, it is the only
 label). ``forward(x, t, y=None)`` treats ``y=None`` as all-null.
+
+``DiT`` is a diffusers ``ModelMixin`` + ``ConfigMixin``: ``save_pretrained`` writes its
+constructor arguments and safetensors weights, ``from_pretrained`` rebuilds it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention
@@ -100,11 +105,17 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p*p*C)
 
 
-class DiT(nn.Module):
+class DiT(ModelMixin, ConfigMixin):
+    """Velocity field on latents of ``in_channels`` x ``sample_size`` x ``sample_size``."""
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTBlock"]  # the unit FSDP wraps and gradient checkpointing recomputes
+
+    @register_to_config
     def __init__(
         self,
-        input_size: int,
-        in_channels: int,
+        sample_size: int = 8,
+        in_channels: int = 4,
         num_classes: int = 10,
         patch_size: int = 2,
         hidden_size: int = 384,
@@ -113,17 +124,17 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
     ):
         super().__init__()
-        if input_size % patch_size:
+        if sample_size % patch_size:
             raise ValueError(
-                f"patch size {patch_size} does not divide the latent size {input_size}; "
+                f"patch size {patch_size} does not divide the latent size {sample_size}; "
                 "pick a model preset with a smaller patch (e.g. /2) or a larger image size"
             )
-        self.input_size, self.in_channels, self.patch_size = input_size, in_channels, patch_size
-        self.num_classes = num_classes
+        self.patch_size = patch_size
         self.null_label = num_classes  # the extra embedding row used for "no label"
-        self.grid = input_size // patch_size
+        self.grid = sample_size // patch_size
+        self.gradient_checkpointing = False
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.x_embedder = PatchEmbed(sample_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
@@ -159,7 +170,10 @@ class DiT(nn.Module):
         h = self.x_embedder(x) + self.pos_embed  # (B, N, D), N = (H/p)*(W/p)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         for block in self.blocks:
-            h = block(h, c)  # (B, N, D)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = self._gradient_checkpointing_func(block, h, c)  # recomputed in backward
+            else:
+                h = block(h, c)  # (B, N, D)
         h = self.final_layer(h, c)  # (B, N, p*p*C)
         return rearrange(
             h, "b (gh gw) (p q c) -> b c (gh p) (gw q)", gh=self.grid, p=self.patch_size, q=self.patch_size
@@ -175,7 +189,7 @@ class DiT(nn.Module):
         """
         n, d = self.grid * self.grid, self.blocks[0].norm1.normalized_shape[0]
         h = self.blocks[0].mlp.fc1.out_features
-        pc = self.patch_size**2 * self.in_channels
+        pc = self.patch_size**2 * self.config.in_channels
         block = 4 * n * d * d + 2 * n * d * h + 2 * n * n * d + 6 * d * d
         once = 2 * n * d * pc + self.t_embedder.freq_dim * d + d * d + 2 * d * d
         return 2 * (len(self.blocks) * block + once)
@@ -193,15 +207,8 @@ DIT_PRESETS = {
 }
 
 
-def _preset(depth: int, hidden: int, heads: int, patch: int):
-    def build(input_size: int, in_channels: int, num_classes: int = 10) -> DiT:
-        return DiT(input_size, in_channels, num_classes, patch, hidden, depth, heads)
-
-    return build
-
-
 for _size, (_depth, _hidden, _heads) in DIT_PRESETS.items():
     for _patch in (1, 2, 4, 8):
         if _patch == 1 and _size not in ("Mini", "Tiny", "Nano"):
             continue  # patch 1 only for the small latents of small presets
-        register(f"DiT-{_size}/{_patch}", _preset(_depth, _hidden, _heads, _patch))
+        register(f"DiT-{_size}/{_patch}", DiT, patch_size=_patch, hidden_size=_hidden, depth=_depth, num_heads=_heads)
