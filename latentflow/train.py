@@ -45,7 +45,7 @@ from .config import EXTENSIBLE_TRAIN_FIELDS, ExperimentConfig, config_to_dict
 from .data import build_dataset
 from .ema import EMA
 from .errors import CheckpointError, LatentflowError, PeerLost, TrainingDiverged
-from .figures import class_grid_labels, save_grid, save_loss_by_time, save_loss_curve
+from .figures import class_grid_labels, image_grid, save_grid, save_loss_by_time, save_loss_curve
 from .flow import cfm_loss, sample_time
 from .latents import LatentBatches, default_cache_dir, load_or_build_cache
 from .models import create_model
@@ -58,10 +58,13 @@ from .runtime import (
     get_rng_state,
     is_launched,
     is_peer_failure,
+    log_image,
     make_accelerator,
     on_main,
     remove_stale_temps,
     set_rng_state,
+    start_trackers,
+    tracker_for,
     write_text_atomic,
 )
 from .sampling import sample_images
@@ -299,7 +302,7 @@ def setup(cfg: ExperimentConfig, rt: Runtime, accelerator, stop: StopRequest, lo
         raise LatentflowError(f"model.name {cfg.model.name}: {exc}") from None
     progress = (lambda it: tqdm(it, desc="encode", leave=False, disable=not sys.stderr.isatty())) if is_main else None
     cache, cache_path = load_or_build_cache(
-        vae, dataset, rt.cache_dir or default_cache_dir(), accelerator, cfg.vae.encode_batch_size, progress
+        vae, dataset, rt.cache_dir or default_cache_dir(), accelerator, cfg.vae.encode_batch_size, progress, cfg.data
     )
     model.to(device)
     ema = EMA(model, cfg.train.ema_decay)
@@ -333,6 +336,7 @@ def setup(cfg: ExperimentConfig, rt: Runtime, accelerator, stop: StopRequest, lo
     else:
         if not _resume(run, resume[1]):
             return None
+    start_trackers(accelerator, run_dir, config_to_dict(cfg), run.state.step if resume is not None else None)
     n_params = sum(p.numel() for p in raw_model.parameters())
     run.say(
         f"run {run_dir}  |  {cfg.model.name} ({n_params / 1e6:.2f} M params) on {len(cache)} latents "
@@ -364,7 +368,7 @@ def _resume(run: Run, ckpt_dir: Path) -> bool:
     if state["model"]["class"] != run.model_meta["class"] or state["model"]["config"] != run.model_meta["config"]:
         raise CheckpointError(f"{ckpt_dir} holds {state['model']['class']} {state['model']['config']}, "
                               f"not the {run.model_meta['config']} this config builds; start a new run")
-    if state["vae"]["identity"] != run.vae.identity:
+    if not run.vae.same_weights_as(state["vae"]["identity"]):
         raise CheckpointError(f"{ckpt_dir} was trained with VAE {state['vae']['identity']}, but {cfg.vae.pretrained} "
                               f"is now {run.vae.identity}; restore that VAE or start a new run")
     saved_world = ckpt["rng"].get("world_size")
@@ -593,6 +597,8 @@ def _log_interval(run: Run, stats: EpochStats, epoch: int, bar) -> None:
     lr = run.optimizer.param_groups[0]["lr"]
     run.log({"event": "step", "epoch": epoch + 1, "step": st.step, "loss": loss, "lr": lr, "grad_norm": grad,
              "images_per_s": images_per_s})
+    acc.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad, "train/images_per_s": images_per_s},
+            step=st.step)
     if bar.disable:
         run.say(f"step {st.step:6d}  epoch {epoch + 1}/{cfg.train.epochs} ({st.iteration}/{run.batches.iterations_per_epoch})"
                 f"  loss {loss:.4f}  grad {grad:.3f}  lr {lr:.2e}  {images_per_s:6.0f} img/s")
@@ -611,7 +617,9 @@ def _stopped(run: Run, code: int) -> None:
     raise Interrupted(message, exit_code)
 
 
-def draw_grid(run: Run, path: Path) -> None:
+def draw_grid(run: Run, path: Path):
+    """The grid of the fixed noise and labels with the EMA weights, saved to ``path``;
+    returns it as an (H, W, C) uint8 array."""
     cfg = run.cfg
     labels = run.grid_labels
     count = len(labels) if labels else cfg.sampler.grid_per_class * 8
@@ -620,8 +628,10 @@ def draw_grid(run: Run, path: Path) -> None:
         cfg_scale=cfg.sampler.cfg_scale, guidance_interval=cfg.sampler.guidance_interval, atol=cfg.sampler.atol,
         rtol=cfg.sampler.rtol, seed=cfg.train.seed, autocast=run.accelerator.autocast,
     )
+    ncol = cfg.sampler.grid_per_class if labels else 8
     with atomic_file(path, "figure") as tmp:
-        save_grid(result.images, tmp, ncol=cfg.sampler.grid_per_class if labels else 8, format="png")
+        save_grid(result.images, tmp, ncol=ncol, format="png")
+    return image_grid(result.images, ncol)
 
 
 def end_of_epoch(run: Run, epoch: int, stats: EpochStats, seconds: float) -> None:
@@ -638,10 +648,13 @@ def end_of_epoch(run: Run, epoch: int, stats: EpochStats, seconds: float) -> Non
 
     def write() -> None:
         figure = run.run_dir / "figures" / f"epoch_{epoch + 1:03d}.png"
-        draw_grid(run, figure)
+        grid = draw_grid(run, figure)
         run.log({"event": "epoch", "epoch": epoch + 1, "step": st.step, "loss": epoch_loss, "seconds": seconds,
                  "images_per_s": images_per_s, "good_steps": count // acc.num_processes,
                  "nonfinite_steps": st.nonfinite_total, "loss_by_time": bins})
+        scalars = {"epoch/loss": epoch_loss, "epoch/images_per_s": images_per_s, "epoch/nonfinite_steps": st.nonfinite_total}
+        acc.log({k: v for k, v in scalars.items() if v is not None}, step=st.step)
+        log_image(acc, "grid", grid, st.step)
         loss_text = f"loss {epoch_loss:.4f}" if epoch_loss is not None else f"loss n/a (all {steps} steps skipped: non-finite)"
         run.say(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  {loss_text}  {seconds:6.1f} s  "
                 f"{images_per_s:7.0f} img/s  -> {figure.parent.name}/{figure.name}")
@@ -677,7 +690,8 @@ def train(cfg: ExperimentConfig, rt: Optional[Runtime] = None) -> Optional[Path]
     """Train ``cfg`` (a run directory is created under ``rt.output_dir``, or ``rt.resume``
     continued) and return the run directory on the main process."""
     rt = rt or Runtime()
-    accelerator = make_accelerator(rt.mixed_precision, rt.cpu, cfg.train.grad_accum, rt.dist_timeout)
+    accelerator = make_accelerator(rt.mixed_precision, rt.cpu, cfg.train.grad_accum, rt.dist_timeout,
+                                   log_with=tracker_for(cfg.train.log_with), project_dir=str(rt.output_dir))
     stop = StopRequest().install(watch_parent=is_launched())
     lock: List[RunLock] = []
     run = None

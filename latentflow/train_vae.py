@@ -26,7 +26,7 @@ from .config import DataConfig
 from .data import build_dataset
 from .errors import LatentflowError
 from .metrics import reconstruction_metrics
-from .runtime import atomic_dir
+from .runtime import atomic_dir, check_output
 
 __all__ = ["VAETrainArgs", "build_autoencoder", "train_vae"]
 
@@ -44,6 +44,7 @@ class VAETrainArgs:
     max_items: Optional[int] = None
     seed: int = 0
     overwrite: bool = False
+    replace_shipped: bool = False  # only the maintainer command regenerates latentflow/assets
 
 
 def build_autoencoder(
@@ -100,8 +101,7 @@ def normalize_latents(vae, train_set) -> Tuple[List[float], List[float]]:
 
 def train_vae(args: VAETrainArgs, cpu: bool = False) -> dict:
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise LatentflowError(f"{out} already holds files; choose another --out or pass --overwrite")
+    check_output(out, args.overwrite, args.replace_shipped)
     accelerator = Accelerator(cpu=cpu)
     if accelerator.num_processes > 1:
         raise LatentflowError("train-vae runs on one process; start it with `python main.py train-vae`")

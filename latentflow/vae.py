@@ -165,6 +165,11 @@ class FrozenVAE:
         c = self.latent_channels
         return self._shift.expand(1, c, 1, 1).flatten().tolist(), self._scale.expand(1, c, 1, 1).flatten().tolist()
 
+    def same_weights_as(self, identity: str) -> bool:
+        """Whether a recorded ``identity`` is this VAE's: the hashes agree (the name may differ,
+        e.g. the embedded VAE copied to a directory)."""
+        return identity.rsplit("@", 1)[-1] == self.identity.rsplit("@", 1)[-1]
+
     # --- maps ----------------------------------------------------------------------------
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:

@@ -124,3 +124,26 @@ def test_default_experiment_file_trains_in_a_clean_directory(tmp_path):
     assert "default+data.max_items=32+model.name=DiT-Nano_2+sampler.grid_per_class=1-" in proc.stdout
     assert log_records(next((tmp_path / "runs").iterdir()), "start")[0]["overrides"] == [
         "data.max_items=32", "train.epochs=1", "model.name=DiT-Nano/2", "sampler.grid_per_class=1"]
+
+
+def test_tensorboard_events_hold_the_losses_and_the_grid(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir, _ = smoke_run
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "epoch/loss"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
+    assert [e.step for e in events.Images("grid")] == [4, 8]  # one grid per epoch
+
+
+def test_a_tracker_whose_package_is_missing_is_one_line(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    proc = run_main("--config", SMOKE, "--set", "train.log_with=wandb", "--output-dir", tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: train.log_with is 'wandb' but the wandb package is not installed; "
+                                   "`pip install wandb`, or set train.log_with to another tracker or 'none'")

@@ -1,0 +1,48 @@
+"""npz arrays: ``images`` (uint8, [N, H, W] or [N, H, W, C]) and optional integer ``labels``."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+
+from ..errors import DataError
+
+__all__ = ["load_npz"]
+
+def load_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, int]:
+    """-> images uint8, labels int64 (zeros if absent), num_classes (0 if unlabelled)."""
+    if not path.is_file():
+        raise DataError(f"npz file {path} not found; check data.path")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not an .npz file (not a zip archive); write it with numpy.savez(path, images=..., labels=...)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as exc:  # zipfile, pickle and value errors all mean "not a usable npz"
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    if "images" not in arrays:
+        raise DataError(f"{path}: no array named 'images' (found: {', '.join(arrays) or 'none'})")
+    images = arrays["images"]
+    if images.dtype != np.uint8:
+        raise DataError(f"{path}: 'images' has dtype {images.dtype}; save uint8 pixels in [0, 255]")
+    if images.ndim not in (3, 4) or len(images) == 0:
+        raise DataError(f"{path}: 'images' has shape {images.shape}; expected non-empty [N, H, W] or [N, H, W, C]")
+    if "labels" not in arrays:
+        return images, np.zeros(len(images), dtype=np.int64), 0
+    labels = arrays["labels"]
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{path}: 'labels' has shape {labels.shape} for {len(images)} images; expected ({len(images)},)")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: 'labels' has dtype {labels.dtype}; expected integers 0..K-1")
+    if labels.min() < 0:
+        raise DataError(f"{path}: label {labels.min()} is negative; expected integers 0..K-1")
+    num_classes, distinct = int(labels.max()) + 1, len(np.unique(labels))
+    if num_classes > max(2 * distinct, distinct + 16):  # a stray label would size the model by it
+        raise DataError(
+            f"{path}: labels run up to {labels.max()} but only {distinct} distinct values occur; "
+            f"relabel them 0..{distinct - 1}"
+        )
+    return images, labels.astype(np.int64), num_classes
