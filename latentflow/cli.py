@@ -47,6 +47,12 @@ def cmd_train(args) -> None:
                        args.dist_timeout, tuple(args.overrides), tuple(args.argv)))
 
 
+def cmd_encode(args) -> None:
+    from .latents import encode_experiment
+
+    encode_experiment(_load(args), args.cache_dir, args.cpu, args.dist_timeout)
+
+
 def cmd_train_vae(args) -> None:
     from .checkpoint import new_run_dir
     from .train_vae import VAETrainArgs, train_vae
@@ -178,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist-timeout", type=float, default=180.0, metavar="SECONDS",
                    help="how long a process waits for the others before the job fails (default 180)")
     p.set_defaults(func=cmd_train)
+
+    p = _sub(sub, "encode", "build an experiment's latent cache without training (every launched process encodes its shards)",
+             "python main.py launch --num_processes 2 -- encode --config experiments/mnist-full.yaml")
+    _add_experiment_args(p)
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="latent cache directory (default: $LATENTFLOW_CACHE or ~/.cache/latentflow)")
+    p.add_argument("--cpu", action="store_true", help="encode on the CPU even if a GPU is present")
+    p.add_argument("--dist-timeout", type=float, default=180.0, metavar="SECONDS",
+                   help="how long a process waits for the others in a collective (default 180)")
+    p.set_defaults(func=cmd_encode)
 
     p = _sub(sub, "sample", "draw samples from an export, a run or a checkpoint",
              "python main.py sample --checkpoint runs/default-20261123-101500 --labels 3,7 --num-samples 20")

@@ -95,9 +95,16 @@ class VAEConfig:
     """Subfolder of `pretrained` that holds the VAE (e.g. 'vae' in a pipeline repository)."""
     encode_batch_size: int = 256
     """Batch size for encoding the dataset into the latent cache."""
+    cache_dtype: str = "float32"
+    """How the cache stores posterior moments: 'float32', 'bfloat16' or 'float16' (half the
+    disk and page cache; the rounding error is in the README, "Scaling")."""
+    cache_shard_size: int = 4096
+    """Images per cache shard (the unit of parallel encoding and of resuming an encode)."""
 
     def validate(self) -> None:
         _positive("vae.encode_batch_size", self.encode_batch_size)
+        _positive("vae.cache_shard_size", self.cache_shard_size)
+        _choice("vae.cache_dtype", self.cache_dtype, ("float32", "bfloat16", "float16"))
 
 
 @dataclass

@@ -1,17 +1,33 @@
-"""The latent cache: a dataset encoded once by the frozen VAE.
+"""The latent cache: a dataset encoded once by the frozen VAE, in shards.
 
-For every image the cache keeps the posterior mean and standard deviation (VAE space),
-the label and the image's index in the dataset. Training draws a fresh latent from the
-posterior at every step, ``z = mean + std * eps`` (what ``latent_dist.sample()`` does),
-instead of freezing one sample. Entries are keyed by dataset index, so shuffling cannot
-pair a latent with another image's label.
+For every image the cache keeps the posterior mean and standard deviation (VAE space), the
+label and the image's index in the dataset (and, with ``data.hflip``, the moments of its
+mirror). Training draws a fresh latent from the posterior at every step,
+``z = mean + std * eps`` (what ``latent_dist.sample()`` does), instead of freezing one
+sample. Rows are keyed by dataset index, so no order of reading can pair a latent with
+another image's label.
 
-The file is ``<cache_dir>/latents-<key>.safetensors``, where ``key`` hashes the metadata
-(VAE identity, scale/shift, image size, dataset fingerprint, format version); the same
-metadata is stored inside the file and checked on load. A file whose metadata differs or
-that cannot be read is rebuilt, with a message saying why; so is one whose values are not
-finite or whose labels no longer match the dataset. Only the main process encodes and
-writes (atomically); the others wait and then read.
+Layout: ``<cache_dir>/latents-<key>/``, where ``key`` hashes what the cache is made from
+(VAE identity, latent normalisation, image shape, dataset fingerprint, hflip, storage dtype,
+shard size, format)::
+
+    manifest.json               that metadata and the shard plan
+    shard_00000.safetensors     ``moments`` (n, 2 or 4, c, h, w) in ``vae.cache_dtype``,
+                                ``labels`` (n,), ``indices`` (n,)
+    shard_00000.done            its completion marker: rows, and the bad files it skipped
+
+**Encoding** is split over the processes: rank r encodes the unfinished shards r, r + W, ...
+and writes each atomically, then its marker. (Shards and markers are the one place where
+processes other than the main one write files: each writes only its own.) An interrupted
+encode resumes at the unfinished shards. Ranks wait for each other by watching the markers,
+not in a collective, so no collective timeout limits how long encoding may take; a rank
+that fails leaves an error marker, and every rank stops with its message.
+
+**Reading** is memory-mapped (numpy over the safetensors data), so resident memory does not
+grow with the dataset: a step gathers its rows from the mapped shards in one pass per shard,
+and the mapped pages are released to the page cache every ``RELEASE_EVERY`` gathers. A shard
+that cannot be read, or whose rows no longer match the dataset, is encoded again, with a
+message saying why.
 
 ``LatentBatches`` turns the cache into training batches: a seeded permutation per epoch,
 cut into global batches of ``processes x batch_size`` that each rank slices, so a step's
@@ -23,29 +39,43 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import signal
+import struct
+import time
+import uuid
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
-from torch.utils.data import DataLoader, Dataset
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Subset
 
 from .errors import DataError
-from .runtime import STREAM_DATA, STREAM_FLIP, atomic_file, derive_seed, on_main
+from .runtime import STREAM_DATA, STREAM_FLIP, atomic_file, derive_seed, faults, on_main, write_text_atomic
 from .vae import FrozenVAE
 
 __all__ = [
+    "CACHE_DTYPES",
     "LatentBatches",
     "LatentCache",
     "cache_metadata",
     "default_cache_dir",
-    "encode_dataset",
+    "encode_experiment",
+    "encode_items",
     "load_or_build_cache",
 ]
 
-CACHE_FORMAT = "1"
+CACHE_FORMAT = "2"
+# name -> (torch dtype, numpy dtype the bytes are mapped as, safetensors dtype)
+CACHE_DTYPES = {
+    "float32": (torch.float32, np.float32, "F32"),
+    "bfloat16": (torch.bfloat16, np.int16, "BF16"),
+    "float16": (torch.float16, np.float16, "F16"),
+}
+RELEASE_EVERY = 64  # gathers between dropping mapped pages (they stay in the page cache)
 
 
 def default_cache_dir() -> Path:
@@ -53,59 +83,137 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LATENTFLOW_CACHE", Path.home() / ".cache" / "latentflow")).expanduser()
 
 
-class LatentCache(Dataset):
-    """Posterior moments (N, c, h, w), labels (N,) and dataset indices (N,); with ``hflip``
-    also the moments of each image's mirror. Rows of bad files skipped while encoding are
-    absent, so ``indices`` says which dataset item each row is."""
+# --- reading -------------------------------------------------------------------------------
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
-                 mean_flip: Optional[torch.Tensor] = None, std_flip: Optional[torch.Tensor] = None):
-        self.mean, self.std, self.labels, self.indices = mean, std, labels.long(), indices.long()
-        self.mean_flip, self.std_flip = mean_flip, std_flip
-        self.bad_files: List[Tuple[str, str]] = []  # (path, reason) skipped while encoding
 
-    @property
-    def has_flips(self) -> bool:
-        return self.mean_flip is not None
+class Shard:
+    """One shard file: ``moments`` memory-mapped, labels and indices in memory."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > 1 << 24:
+                raise ValueError("implausible safetensors header")
+            header = json.loads(f.read(header_len))
+        base = 8 + header_len
+        info = header["moments"]
+        np_dtype = {v[2]: v[1] for v in CACHE_DTYPES.values()}[info["dtype"]]
+        self.torch_dtype = {v[2]: v[0] for v in CACHE_DTYPES.values()}[info["dtype"]]
+        self.shape = tuple(info["shape"])  # (n, K, c, h, w)
+        start, stop = info["data_offsets"]
+        expected = int(np.prod(self.shape)) * np.dtype(np_dtype).itemsize
+        if stop - start != expected or os.path.getsize(self.path) < base + stop:
+            raise ValueError("the file is shorter than its header says")
+        self._file = open(self.path, "rb")
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        self.moments = np.ndarray(self.shape, dtype=np_dtype, buffer=self._map, offset=base + start)
+
+        def small(name):
+            i = header[name]
+            a, b = i["data_offsets"]
+            return torch.from_numpy(np.frombuffer(self._map, dtype=np.int64, count=(b - a) // 8, offset=base + a).copy())
+
+        self.labels, self.indices = small("labels"), small("indices")
+        if len(self.labels) != self.shape[0] or len(self.indices) != self.shape[0]:
+            raise ValueError("labels, indices and moments disagree in length")
 
     def __len__(self) -> int:
-        return len(self.mean)
+        return self.shape[0]
 
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.mean[i], self.std[i], self.labels[i], self.indices[i]
+    def rows(self, local: np.ndarray) -> torch.Tensor:
+        """Moments of rows ``local`` as float32 (k, K, c, h, w): reads only their pages."""
+        out = torch.from_numpy(np.ascontiguousarray(self.moments[local]))
+        return out.view(self.torch_dtype).float() if self.torch_dtype != torch.float32 else out
 
-    def gather(self, idx: torch.Tensor, flip: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
-        """Moments (B, c, h, w) x 2 and labels (B,) of cache rows ``idx`` (B,), in one gather;
-        where ``flip`` (B,) is true, the mirrored image's moments."""
-        mean, std = self.mean[idx], self.std[idx]
-        if flip is not None and flip.any():
-            f = flip.view(-1, 1, 1, 1)
-            mean = torch.where(f, self.mean_flip[idx], mean)
-            std = torch.where(f, self.std_flip[idx], std)
-        return mean, std, self.labels[idx]
+    def release(self) -> None:
+        """Drop this process's mapping of the pages read so far (the kernel keeps them cached)."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
 
-    def tensors(self) -> Dict[str, torch.Tensor]:
-        out = {"mean": self.mean, "std": self.std, "labels": self.labels, "indices": self.indices}
-        if self.has_flips:
-            out.update(mean_flip=self.mean_flip, std_flip=self.std_flip)
-        return out
+
+class LatentCache:
+    """All rows of a cache, in dataset order: moments (read through memory maps), labels
+    (N,) and dataset indices (N,). Rows of bad files skipped while encoding are absent."""
+
+    def __init__(self, shards: Sequence[Shard], root: Optional[Path] = None):
+        self.shards, self.root = list(shards), root
+        self.labels = torch.cat([s.labels for s in self.shards])
+        self.indices = torch.cat([s.indices for s in self.shards])
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # first row of each shard
+        self.has_flips = self.shards[0].shape[1] == 4
+        self.bad_files: List[Tuple[str, str]] = []
+        self._gathers = 0
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
 
     @property
     def latent_shape(self) -> Tuple[int, int, int]:
-        return tuple(self.mean.shape[1:])
+        return tuple(self.shards[0].shape[2:])
+
+    def moments(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, K, c, h, w) float32 moments of rows ``idx``: one read per shard touched."""
+        idx_np = idx.numpy() if isinstance(idx, torch.Tensor) else np.asarray(idx)
+        shard_of = np.searchsorted(self.offsets, idx_np, side="right") - 1
+        out = torch.empty((len(idx_np), *self.shards[0].shape[1:]), dtype=torch.float32)
+        for s in np.unique(shard_of):
+            where = np.nonzero(shard_of == s)[0]
+            out[torch.from_numpy(where)] = self.shards[s].rows(idx_np[where] - self.offsets[s])
+        self._gathers += 1
+        if self._gathers % RELEASE_EVERY == 0:
+            for shard in self.shards:
+                shard.release()
+        return out
+
+    def gather(self, idx: torch.Tensor, flip: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+        """Moments (B, c, h, w) x 2 and labels (B,) of rows ``idx`` (B,); where ``flip`` (B,)
+        is true, the mirrored image's moments."""
+        m = self.moments(idx)  # (B, K, c, h, w): mean, std[, mean of the mirror, its std]
+        mean, std = m[:, 0], m[:, 1]
+        if flip is not None and flip.any():
+            f = flip.view(-1, 1, 1, 1)
+            mean, std = torch.where(f, m[:, 2], mean), torch.where(f, m[:, 3], std)
+        return mean, std, self.labels[idx]
+
+    # Whole-cache views, for inspection and tests (they read every row).
+    def _all(self, k: int) -> torch.Tensor:
+        return self.moments(torch.arange(len(self)))[:, k]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._all(0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self._all(1)
+
+    @property
+    def mean_flip(self) -> torch.Tensor:
+        return self._all(2)
+
+    @property
+    def std_flip(self) -> torch.Tensor:
+        return self._all(3)
 
 
-def cache_metadata(vae: FrozenVAE, dataset, hflip: bool = False) -> Dict[str, str]:
-    """What a cache was made from: two caches with equal metadata hold the same latents."""
+# --- what a cache is made from --------------------------------------------------------------
+
+
+def cache_metadata(vae: FrozenVAE, dataset, hflip: bool = False, dtype: str = "float32",
+                   shard_size: int = 4096) -> Dict[str, str]:
+    """Two caches with equal metadata hold the same latents."""
     return {
         "format": CACHE_FORMAT,
-        "vae": vae.identity,
+        "vae": vae.identity.rsplit("@", 1)[-1],
         "scale": json.dumps(vae.scale(torch.zeros(1, vae.latent_channels, 1, 1)).flatten().tolist()),
         "unit": json.dumps(vae.scale(torch.ones(1, vae.latent_channels, 1, 1)).flatten().tolist()),
         "image_shape": json.dumps(list(dataset.image_shape)),
         "dataset": dataset.fingerprint(),
         "num_items": str(len(dataset)),
         "hflip": str(bool(hflip)),
+        "dtype": dtype,
+        "shard_size": str(shard_size),
     }
 
 
@@ -113,25 +221,21 @@ def _bad_file_error(path: str, reason: str) -> DataError:
     return DataError(f"{path}: {reason}; fix or remove it, or set data.skip_bad_images=true to skip bad files")
 
 
+# --- encoding -------------------------------------------------------------------------------
+
+
 @torch.no_grad()
-def encode_dataset(
-    vae: FrozenVAE,
-    dataset,
-    batch_size: int = 256,
-    progress: Optional[Callable] = None,
-    hflip: bool = False,
-    skip_bad: bool = False,
-    workers: int = 0,
-) -> LatentCache:
-    """Encode every image in dataset order (no shuffling, no random augmentation); with
-    ``hflip`` its mirror too. A dataset that reports bad files (a folder) either stops at the
-    first (one-line ``DataError``) or, with ``skip_bad``, leaves them out and lists them."""
+def encode_items(vae: FrozenVAE, dataset, items: Sequence[int], batch_size: int = 256, hflip: bool = False,
+                 skip_bad: bool = False, workers: int = 0, progress: Optional[Callable] = None) -> Tuple[dict, list]:
+    """Encode dataset items ``items`` in order (no shuffling, no random augmentation); with
+    ``hflip`` their mirrors too. Returns the shard tensors (float32 moments (n, K, c, h, w),
+    labels, indices) and the bad files skipped; without ``skip_bad`` the first bad file
+    raises a one-line ``DataError``."""
     # An explicit generator: iterating a DataLoader otherwise draws from the global one, and
     # a run would then depend on whether its cache already existed.
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator(),
-                        num_workers=workers, persistent_workers=False)
-    parts: Dict[str, list] = {k: [] for k in ("mean", "std", "labels", "indices", "mean_flip", "std_flip")}
-    bad: List[Tuple[str, str]] = []
+    loader = DataLoader(Subset(dataset, list(items)), batch_size=batch_size, shuffle=False,
+                        generator=torch.Generator(), num_workers=workers)
+    moments, labels, indices, bad = [], [], [], []
     for batch in progress(loader) if progress else loader:
         images, y, idx = batch[:3]
         reasons = batch[3] if len(batch) > 3 else [""] * len(idx)
@@ -145,56 +249,89 @@ def encode_dataset(
             images, y, idx = images[good], y[good], idx[good]
         if len(idx) == 0:
             continue
-        mean, std = vae.encode(images)  # (B, c, h, w) each
-        parts["mean"].append(mean.cpu())
-        parts["std"].append(std.cpu())
-        parts["labels"].append(y)
-        parts["indices"].append(idx)
+        parts = list(vae.encode(images))  # mean, std: (B, c, h, w) each
         if hflip:
-            mean_f, std_f = vae.encode(images.flip(-1))  # the mirror image, encoded as itself
-            parts["mean_flip"].append(mean_f.cpu())
-            parts["std_flip"].append(std_f.cpu())
-    if not parts["mean"]:
-        raise DataError(f"none of the {len(dataset)} files of {dataset.origin} could be used "
-                        f"(first: {bad[0][0]}: {bad[0][1]})")
-    cat = {k: torch.cat(v) if v else None for k, v in parts.items()}
-    cache = LatentCache(cat["mean"], cat["std"], cat["labels"], cat["indices"], cat["mean_flip"], cat["std_flip"])
-    cache.bad_files = bad
-    return cache
+            parts += list(vae.encode(images.flip(-1)))  # the mirror image, encoded as itself
+        moments.append(torch.stack([p.cpu() for p in parts], dim=1))  # (B, K, c, h, w)
+        labels.append(y)
+        indices.append(idx)
+    if not moments:
+        shape = (0, 4 if hflip else 2, *vae.latent_shape(dataset.image_shape[-1]))
+        return {"moments": torch.zeros(shape), "labels": torch.zeros(0, dtype=torch.long),
+                "indices": torch.zeros(0, dtype=torch.long)}, bad
+    return {"moments": torch.cat(moments), "labels": torch.cat(labels).long(), "indices": torch.cat(indices).long()}, bad
 
 
-def _check(cache: LatentCache, dataset) -> str:
-    """Why a cache that read fine cannot be trusted, or ""."""
-    tensors = cache.tensors()
-    if not all(torch.isfinite(t).all() for k, t in tensors.items() if t.is_floating_point()):
-        return "it holds non-finite moments"
-    if dataset is not None:
-        idx = cache.indices
-        if len(idx) == 0 or idx.min() < 0 or idx.max() >= len(dataset) or not bool((idx[1:] > idx[:-1]).all()):
-            return "its rows do not match the dataset"
-        if not torch.equal(cache.labels, dataset.labels[idx]):
-            return "its labels differ from the dataset's"
-    return ""
+# --- building -------------------------------------------------------------------------------
 
 
-def _read(path: Path, metadata: Dict[str, str], dataset=None) -> Tuple[Optional[LatentCache], str]:
-    """-> (cache, "") if the file is usable, else (None, why not)."""
-    if not path.exists():
-        return None, ""
+def _shard_file(root: Path, i: int) -> Path:
+    return root / f"shard_{i:05d}.safetensors"
+
+
+def _marker(root: Path, i: int) -> Path:
+    return root / f"shard_{i:05d}.done"
+
+
+def _plan(n_items: int, shard_size: int) -> List[Tuple[int, int]]:
+    return [(a, min(a + shard_size, n_items)) for a in range(0, n_items, shard_size)]
+
+
+def _why_unusable(root: Path, i: int, span: Tuple[int, int], dataset, check_values: bool) -> Optional[str]:
+    """None if shard ``i`` is complete and matches the dataset; "" if it is simply missing;
+    else why it has to be encoded again."""
+    if not _marker(root, i).exists():
+        return ""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            stored = f.metadata() or {}
-        bad = json.loads(stored.pop("bad_files", "[]"))
-        if stored != metadata:
-            diff = sorted(k for k in set(stored) | set(metadata) if stored.get(k) != metadata.get(k))
-            return None, f"it was made with different {', '.join(diff)}"
-        t = load_file(str(path))
-        cache = LatentCache(t["mean"], t["std"], t["labels"], t["indices"], t.get("mean_flip"), t.get("std_flip"))
-        cache.bad_files = [tuple(b) for b in bad]
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
-        return None, f"it cannot be read ({exc})"
-    why = _check(cache, dataset)
-    return (None, why) if why else (cache, "")
+        marker = json.loads(_marker(root, i).read_text())
+        shard = Shard(_shard_file(root, i))
+    except (OSError, ValueError, KeyError, struct.error) as exc:
+        return f"it cannot be read ({type(exc).__name__}: {str(exc)[:80]})"
+    if len(shard) != marker.get("rows"):
+        return f"it holds {len(shard)} rows, its marker says {marker.get('rows')}"
+    idx = shard.indices
+    if len(idx) and (idx.min() < span[0] or idx.max() >= span[1] or not torch.equal(shard.labels, dataset.labels[idx])):
+        return "its labels differ from the dataset's"
+    if check_values and not np.isfinite(shard.rows(np.arange(len(shard))).numpy()).all():
+        return "it holds non-finite moments"
+    shard.release()
+    return None
+
+
+def _write_shard(root: Path, i: int, tensors: dict, bad: list, dtype: str, vae: FrozenVAE) -> None:
+    m = tensors["moments"]
+    if not torch.isfinite(m).all():
+        rows = (~torch.isfinite(m.flatten(1))).any(1).nonzero().flatten()
+        raise DataError(
+            f"VAE {vae.name} encodes {len(rows)} of {len(m)} images of shard {i} to non-finite latents (first: item "
+            f"{int(tensors['indices'][rows[0]])}); check the VAE's weights and the images"
+        )
+    stored = {**tensors, "moments": m.to(CACHE_DTYPES[dtype][0]).contiguous()}
+    with atomic_file(_shard_file(root, i), "latent cache shard", needed=sum(t.nbytes for t in stored.values()),
+                     intact="shards written so far are kept") as tmp:
+        save_file(stored, str(tmp))
+    write_text_atomic(_marker(root, i), json.dumps({"rows": len(m), "bad": bad}), "latent cache marker")
+
+
+def _wait_for(root: Path, todo: List[int], build: str, say: Callable, stall_s: float) -> None:
+    """Watch the markers until every shard in ``todo`` is done; stop every rank on another
+    rank's error marker, or when no shard has finished for ``stall_s`` seconds."""
+    pending, last = set(todo), time.time()
+    while pending:
+        errors = sorted(root.glob(f".error-{build}-*"))
+        if errors:
+            raise DataError(errors[0].read_text().strip())
+        done = {i for i in pending if _marker(root, i).exists()}
+        if done:
+            pending -= done
+            last = time.time()
+            if pending:
+                say(f"  latent cache: {len(todo) - len(pending)} of {len(todo)} shards encoded")
+        elif time.time() - last > stall_s:
+            raise DataError(f"no shard of latent cache {root} finished in {stall_s:.0f} s; a process has stalled or "
+                            "died (its shards are encoded again at the next start)")
+        else:
+            time.sleep(0.2)
 
 
 def _report_bad(cache: LatentCache, dataset, cfg, say: Callable) -> None:
@@ -219,51 +356,111 @@ def load_or_build_cache(
     dataset,
     cache_dir: Path,
     accelerator,
-    batch_size: int = 256,
-    progress: Optional[Callable] = None,
     data_cfg=None,
+    vae_cfg=None,
+    progress: Optional[Callable] = None,
+    stall_s: float = 3600.0,
 ) -> Tuple[LatentCache, Path]:
-    """Reuse the cache whose metadata matches, or encode the dataset (main process) and save it.
-    A failure on the main process (a bad image file, a VAE that encodes to NaN, a full or
-    read-only cache directory) fails every rank with the same one-line error. ``data_cfg``
-    (the experiment's data section) brings hflip, the bad-file policy and decode workers."""
+    """Open the cache of ``dataset`` under ``cache_dir``, encoding whatever is missing first,
+    split over the processes. ``data_cfg`` and ``vae_cfg`` (an experiment's sections) bring
+    hflip, the bad-file policy, decode workers, the batch size, storage dtype and shard size.
+    Any failure (a bad image, a VAE that encodes to NaN, a full or read-only cache directory)
+    stops every rank with the same one-line error."""
     hflip = bool(data_cfg and data_cfg.hflip)
-    metadata = cache_metadata(vae, dataset, hflip)
+    skip_bad = bool(data_cfg and data_cfg.skip_bad_images)
+    dtype = vae_cfg.cache_dtype if vae_cfg else "float32"
+    shard_size = vae_cfg.cache_shard_size if vae_cfg else 4096
+    batch_size = vae_cfg.encode_batch_size if vae_cfg else 256
+    workers = min(data_cfg.decode_workers, os.cpu_count() or 1) if data_cfg and hasattr(dataset, "files") else 0
+    metadata = cache_metadata(vae, dataset, hflip, dtype, shard_size)
     key = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"latents-{key}.safetensors"
+    root = Path(cache_dir) / f"latents-{key}"
+    plan = _plan(len(dataset), shard_size)
+    say = accelerator.print
+    rank, world = accelerator.process_index, accelerator.num_processes
 
-    def build() -> None:
+    def prepare() -> Tuple[List[int], str]:
         if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
             raise DataError(f"cache directory {cache_dir} is a file; pass --cache-dir DIR (a directory)")
-        cache, why = _read(path, metadata, dataset)
-        if cache is not None:
-            accelerator.print(f"using latent cache {path}")
-            _report_bad(cache, dataset, data_cfg, accelerator.print)
-            return
-        accelerator.print(
-            f"latent cache {path} is stale: {why}; rebuilding" if why else f"encoding {len(dataset)} images into {path}"
-        )
-        workers = min(data_cfg.decode_workers, os.cpu_count() or 1) if data_cfg is not None and hasattr(dataset, "files") else 0
-        cache = encode_dataset(vae, dataset, batch_size, progress, hflip,
-                               skip_bad=bool(data_cfg and data_cfg.skip_bad_images), workers=workers)
-        _report_bad(cache, dataset, data_cfg, accelerator.print)
-        if _check(cache, None):
-            bad = (~torch.isfinite(cache.mean.flatten(1)).all(1) | ~torch.isfinite(cache.std.flatten(1)).all(1)).nonzero()
-            raise DataError(
-                f"VAE {vae.name} encodes {len(bad)} of {len(dataset)} images to non-finite latents "
-                f"(first: item {int(cache.indices[bad[0]])} of {dataset.origin}); check the VAE's weights and the images"
-            )
-        tensors = cache.tensors()
-        needed = sum(t.nbytes for t in tensors.values())
-        with atomic_file(path, "latent cache", needed, intact="no cache was written") as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                      metadata={**metadata, "bad_files": json.dumps(cache.bad_files)})
+        manifest = root / "manifest.json"
+        stored = None
+        if manifest.exists():
+            try:
+                stored = json.loads(manifest.read_text()).get("metadata")
+            except (OSError, ValueError):
+                stored = None
+        if stored != metadata:
+            if manifest.exists():
+                say(f"latent cache {root}: its manifest does not match; encoding it again")
+            for old in list(root.glob("shard_*")) + list(root.glob(".error-*")):
+                old.unlink()
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DataError(f"cannot create latent cache {root} ({exc.strerror}); pass another --cache-dir") from None
+            write_text_atomic(manifest, json.dumps({"metadata": metadata, "shards": plan}, indent=1), "latent cache manifest")
+        small = len(dataset) * int(np.prod(vae.latent_shape(dataset.image_shape[-1]))) * 8 < (1 << 30)
+        todo, damaged = [], []
+        for i, span in enumerate(plan):
+            why = _why_unusable(root, i, span, dataset, check_values=small)
+            if why is not None:
+                todo.append(i)
+                if why:
+                    damaged.append(f"shard {i}: {why}")
+                    _marker(root, i).unlink(missing_ok=True)
+        if damaged:
+            say(f"latent cache {root}: encoding {len(damaged)} shard(s) again ({damaged[0]})")
+        if len(todo) == len(plan):
+            say(f"encoding {len(dataset)} images into {root} ({len(plan)} shard(s), {world} process(es))")
+        elif todo:
+            say(f"resuming the encode of {root}: {len(plan) - len(todo)} of {len(plan)} shards are done")
+        else:
+            say(f"using latent cache {root}")
+        return todo, uuid.uuid4().hex[:12]
 
-    on_main(accelerator, build)
-    cache, why = _read(path, metadata, dataset)
-    if cache is None:
-        raise DataError(f"latent cache {path} is unusable right after it was written ({why}); pass another --cache-dir")
-    return cache, path
+    todo, build = on_main(accelerator, prepare)
+    kill_after = faults().get("encode_sigkill", set())
+    try:
+        for n, i in enumerate(todo[rank::world], start=1):
+            bar = progress if accelerator.is_main_process else None
+            tensors, bad = encode_items(vae, dataset, range(*plan[i]), batch_size, hflip, skip_bad, workers, bar)
+            _write_shard(root, i, tensors, bad, dtype, vae)
+            if n in kill_after:  # test hook: an encode killed part way
+                os.kill(os.getpid(), signal.SIGKILL)
+    except DataError as exc:  # tell the other ranks, who are watching the markers
+        (root / f".error-{build}-{rank}").write_text(str(exc))
+        raise
+    _wait_for(root, todo, build, say, stall_s)
+    accelerator.wait_for_everyone()
+
+    try:
+        shards = [Shard(_shard_file(root, i)) for i in range(len(plan))]
+    except (OSError, ValueError, KeyError, struct.error) as exc:
+        raise DataError(f"latent cache {root} is unusable right after it was written ({exc}); pass another --cache-dir") from None
+    cache = LatentCache(shards, root)
+    cache.bad_files = [tuple(b) for i in range(len(plan)) for b in json.loads(_marker(root, i).read_text())["bad"]]
+    _report_bad(cache, dataset, data_cfg, say)
+    return cache, root
+
+
+def encode_experiment(cfg, cache_dir: Optional[Path] = None, cpu: bool = False, dist_timeout: float = 180.0) -> Path:
+    """``python main.py encode``: build an experiment's latent cache (on every process of a
+    launch) without training; returns the cache directory."""
+    from tqdm.auto import tqdm
+
+    from .data import build_dataset
+    from .runtime import make_accelerator
+
+    accelerator = make_accelerator("no", cpu, 1, dist_timeout)
+    vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder).to(accelerator.device)
+    dataset = build_dataset(cfg.data, channels=vae.in_channels)
+    bar = (lambda it: tqdm(it, desc="encode", leave=False)) if accelerator.is_main_process and os.isatty(2) else None
+    start = time.perf_counter()
+    cache, root = load_or_build_cache(vae, dataset, cache_dir or default_cache_dir(), accelerator, cfg.data, cfg.vae, bar)
+    accelerator.print(f"latent cache {root}: {len(cache)} rows of {tuple(cache.latent_shape)} "
+                      f"({time.perf_counter() - start:.1f} s, {accelerator.num_processes} process(es))")
+    accelerator.end_training()
+    return root
 
 
 class LatentBatches:

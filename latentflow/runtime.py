@@ -51,6 +51,7 @@ __all__ = [
     "check_output",
     "cpu_has_fast_bf16",
     "derive_seed",
+    "faults",
     "get_rng_state",
     "is_launched",
     "log_image",
@@ -225,6 +226,19 @@ def is_peer_failure(exc: BaseException) -> bool:
         "Timed out waiting", "Connection closed by peer", "Connection reset by peer",
         "collective operation timeout", "Broken pipe",
     ))
+
+
+def faults() -> dict:
+    """Test hook: ``LATENTFLOW_FAULTS="nonfinite=3,4;nan_weights=9;sigkill=5;sigterm=7;encode_sigkill=2"``
+    makes the loss of those optimizer-step attempts non-finite, the weights NaN after
+    optimizer step 9, sends the process SIGKILL (SIGTERM) once step 5 (7) is done,
+    checkpoint included, or SIGKILLs it after it wrote its 2nd latent-cache shard (all
+    1-based). The tests use it to put faults at exact moments."""
+    out = {}
+    for part in filter(None, os.environ.get("LATENTFLOW_FAULTS", "").split(";")):
+        key, _, values = part.partition("=")
+        out[key.strip()] = {int(v) for v in values.split(",") if v.strip()}
+    return out
 
 
 # --- random streams -------------------------------------------------------------------------

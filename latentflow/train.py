@@ -55,6 +55,7 @@ from .runtime import (
     RunLock,
     StopRequest,
     atomic_file,
+    faults,
     get_rng_state,
     is_launched,
     is_peer_failure,
@@ -150,18 +151,6 @@ def training_loss(model, x1, labels, flow, class_dropout: float, null_label: int
                     logit_mean=flow.logit_mean, logit_std=flow.logit_std)  # (B,)
     y = drop_labels(labels, class_dropout, null_label, generator)
     return cfm_loss(model, x0, x1, t, flow.sigma_min, y=y), t
-
-
-def _faults() -> dict:
-    """Test hook: ``LATENTFLOW_FAULTS="nonfinite=3,4;nan_weights=9;sigkill=5;sigterm=7"`` makes
-    the loss of those optimizer-step attempts non-finite, the weights NaN after optimizer
-    step 9, or sends the process SIGKILL (SIGTERM) once step 5 (7) is done, checkpoint
-    included (all 1-based)."""
-    out = {}
-    for part in filter(None, os.environ.get("LATENTFLOW_FAULTS", "").split(";")):
-        key, _, values = part.partition("=")
-        out[key.strip()] = {int(v) for v in values.split(",") if v.strip()}
-    return out
 
 
 def _diverged(run: "Run", what: str) -> TrainingDiverged:
@@ -302,7 +291,8 @@ def setup(cfg: ExperimentConfig, rt: Runtime, accelerator, stop: StopRequest, lo
         raise LatentflowError(f"model.name {cfg.model.name}: {exc}") from None
     progress = (lambda it: tqdm(it, desc="encode", leave=False, disable=not sys.stderr.isatty())) if is_main else None
     cache, cache_path = load_or_build_cache(
-        vae, dataset, rt.cache_dir or default_cache_dir(), accelerator, cfg.vae.encode_batch_size, progress, cfg.data
+        vae, dataset, rt.cache_dir or default_cache_dir(), accelerator, cfg.data, cfg.vae, progress,
+        stall_s=max(3600.0, rt.dist_timeout),
     )
     model.to(device)
     ema = EMA(model, cfg.train.ema_decay)
@@ -320,7 +310,7 @@ def setup(cfg: ExperimentConfig, rt: Runtime, accelerator, stop: StopRequest, lo
         state=TrainState(), run_dir=None, latent_shape=latent_shape, num_classes=dataset.num_classes,
         class_names=getattr(dataset, "class_names", None),
         grid_labels=class_grid_labels(grid_classes, cfg.sampler.grid_per_class), model_meta=model_meta,
-        stop=stop, faults=_faults(),
+        stop=stop, faults=faults(),
     )
 
     # --- a new run directory, or the resumed one ----------------------------------------------
