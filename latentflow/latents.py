@@ -397,7 +397,7 @@ def load_or_build_cache(
             try:
                 root.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise DataError(f"cannot create latent cache {root} ({exc.strerror}); pass another --cache-dir") from None
+                raise DataError(f"could not write latent cache {root} ({exc.strerror}); pass another --cache-dir DIR") from None
             write_text_atomic(manifest, json.dumps({"metadata": metadata, "shards": plan}, indent=1), "latent cache manifest")
         small = len(dataset) * int(np.prod(vae.latent_shape(dataset.image_shape[-1]))) * 8 < (1 << 30)
         todo, damaged = [], []
