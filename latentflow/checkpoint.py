@@ -24,6 +24,7 @@ states with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import shutil
@@ -37,9 +38,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import EXTENSIBLE_TRAIN_FIELDS
+from .config import CONTINUABLE_FIELDS
 from .errors import CheckpointError
-from .runtime import atomic_dir
+from .runtime import temp_name, atomic_dir
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -47,12 +48,17 @@ __all__ = [
     "checkpoints_of",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_model_state",
+    "load_optimizer_state",
+    "model_state",
+    "optimizer_state",
     "new_run_dir",
     "resolve_resume",
     "resolve_source",
     "run_base_name",
     "runs_of",
     "save_checkpoint",
+    "set_aside_newer",
 ]
 
 CHECKPOINT_FORMAT = 2
@@ -72,7 +78,7 @@ def run_base_name(name: str, overrides: Sequence[str] = ()) -> str:
     for item in overrides:
         key, _, value = item.partition("=")
         key = key.strip()
-        if key == "name" or (key.startswith("train.") and key[6:] in EXTENSIBLE_TRAIN_FIELDS):
+        if key == "name" or key in CONTINUABLE_FIELDS:
             continue
         tags.append(f"+{key}={re.sub(r'[^A-Za-z0-9._-]', '_', value.strip())}")
     return name + "".join(sorted(tags))
@@ -144,9 +150,24 @@ def save_checkpoint(
         (tmp / "state.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, **state}, indent=2))
     complete = checkpoints_of(run_dir)
     for _, old in complete[: max(0, len(complete) - keep)]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+        if old != final:  # renamed first: a crash mid-delete leaves a temporary, never half a checkpoint
+            doomed = temp_name(old)
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def set_aside_newer(run_dir: Path, step: int) -> Optional[Path]:
+    """Move the checkpoints after ``step`` (a resume from an older one starts another
+    timeline) into ``checkpoints/abandoned-<time>/``; returns that directory, if any."""
+    newer = [p for s, p in checkpoints_of(run_dir) if s > step]
+    if not newer:
+        return None
+    aside = Path(run_dir) / "checkpoints" / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(parents=True, exist_ok=True)
+    for path in newer:
+        os.replace(path, aside / path.name)
+    return aside
 
 
 def read_state(ckpt: Path) -> dict:
@@ -195,6 +216,52 @@ def load_checkpoint(ckpt: Path, parts: Sequence[str] = ("model", "ema", "optimiz
                 why = f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else 'unreadable'}"
             raise CheckpointError(f"{path} cannot be loaded ({why}); use an earlier checkpoint") from None
     return out
+
+
+# --- full state of a possibly sharded model -------------------------------------------------
+#
+# torch.distributed.checkpoint's state-dict helpers give one format whether the model is
+# plain, DDP-wrapped or sharded by FSDP: the full tensors, keyed by parameter name (no
+# "_orig_mod." or wrapper prefixes). Getting them is a collective under FSDP (every rank
+# calls; with cpu_offload only rank 0 receives them); setting them takes the full tensors
+# on every rank, which each reads from the checkpoint.
+
+
+def _full(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def model_state(model) -> Dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full(cpu_offload=True))
+
+
+def optimizer_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=_full(cpu_offload=True))
+
+
+def load_model_state(model, state: Dict[str, torch.Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}  # a torch.compile wrapper's prefix
+    set_model_state_dict(model, state, options=_full())
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    kinds = [{k: type(v) for k, v in g.items()} for g in optimizer.param_groups]
+    set_optimizer_state_dict(model, optimizer, state, options=_full())
+    for group, kind in zip(optimizer.param_groups, kinds):  # betas come back as lists: keep them tuples
+        for key, value in group.items():
+            if kind.get(key) is tuple and isinstance(value, list):
+                group[key] = tuple(value)
 
 
 # --- what a path on the command line is -----------------------------------------------------

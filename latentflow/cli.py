@@ -280,7 +280,7 @@ def _report_error(message: str) -> None:
     path = os.environ.get("LATENTFLOW_ERROR_FILE")
     if path:
         with open(path, "a") as f:
-            f.write(message.replace("\n", " ") + "\n")
+            f.write(f"{os.environ.get('RANK', '0')}\t{message.replace(chr(10), ' ')}\n")
         return
     print(f"error: {message}", file=sys.stderr)
 
@@ -323,8 +323,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args.func(args)
     except LatentflowError as exc:
-        if _is_main_rank() or isinstance(exc, PeerLost):
+        if _is_main_rank():
             _report_error(str(exc))
+        elif isinstance(exc, PeerLost) or getattr(exc, "local", False):  # only this rank knows it
+            _report_error(f"process {os.environ.get('RANK')}: {exc}")
         return 2
     except Interrupted as exc:
         if _is_main_rank():

@@ -24,7 +24,7 @@ import yaml
 from .errors import ConfigError
 
 __all__ = [
-    "EXTENSIBLE_TRAIN_FIELDS",
+    "CONTINUABLE_FIELDS",
     "DataConfig",
     "ExperimentConfig",
     "FlowConfig",
@@ -201,6 +201,10 @@ class TrainConfig:
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
     checkpoint_every: int = 0
     """Also checkpoint every N optimizer steps inside an epoch (0: at epoch ends only)."""
+    compile: bool = False
+    """torch.compile the model (in place; checkpoints load with or without it)."""
+    grad_checkpointing: bool = False
+    """Recompute each DiT block in the backward pass: less memory, ~30 % more compute."""
     log_with: str = "tensorboard"
     """Tracker for losses, rates and grids: 'tensorboard' (in RUN/tensorboard), 'wandb' or 'none'."""
     keep_checkpoints: int = 2
@@ -217,9 +221,14 @@ class TrainConfig:
         _choice("train.log_with", self.log_with, ("tensorboard", "wandb", "none"))
 
 
-# Fields that may differ when a run is continued: changing them extends or re-paces a run
-# without changing what is trained. Any other difference makes --resume refuse the run.
-EXTENSIBLE_TRAIN_FIELDS = ("epochs", "log_every", "max_nonfinite", "checkpoint_every", "keep_checkpoints", "log_with")
+# Fields that may differ when a run is continued, and that do not name a run: they extend or
+# re-pace training, or say how (not what) to compute. Any other difference makes --resume
+# refuse the run.
+CONTINUABLE_FIELDS = (
+    "train.epochs", "train.log_every", "train.max_nonfinite", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.log_with", "train.compile", "train.grad_checkpointing",
+    "data.decode_workers", "vae.encode_batch_size", "vae.cache_shard_size",
+)
 
 
 @dataclass

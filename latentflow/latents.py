@@ -53,8 +53,17 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 
-from .errors import DataError
-from .runtime import STREAM_DATA, STREAM_FLIP, atomic_file, derive_seed, faults, on_main, write_text_atomic
+from .errors import DataError, LatentflowError
+from .runtime import (
+    STREAM_DATA,
+    STREAM_FLIP,
+    atomic_file,
+    derive_seed,
+    faults,
+    on_main,
+    remove_stale_temps,
+    write_text_atomic,
+)
 from .vae import FrozenVAE
 
 __all__ = [
@@ -389,6 +398,7 @@ def load_or_build_cache(
                 stored = json.loads(manifest.read_text()).get("metadata")
             except (OSError, ValueError):
                 stored = None
+        remove_stale_temps(root)  # shards of encoders that crashed (their pid is gone)
         if stored != metadata:
             if manifest.exists():
                 say(f"latent cache {root}: its manifest does not match; encoding it again")
@@ -427,8 +437,15 @@ def load_or_build_cache(
             _write_shard(root, i, tensors, bad, dtype, vae)
             if n in kill_after:  # test hook: an encode killed part way
                 os.kill(os.getpid(), signal.SIGKILL)
-    except DataError as exc:  # tell the other ranks, who are watching the markers
-        (root / f".error-{build}-{rank}").write_text(str(exc))
+    except BaseException as exc:  # tell the other ranks, who are watching the markers
+        if isinstance(exc, LatentflowError):
+            exc.local = rank != 0  # only this rank met it: it reports it itself
+        message = str(exc) if isinstance(exc, LatentflowError) else f"process {rank} failed while encoding ({type(exc).__name__}: {exc})"
+        if world > 1:
+            try:
+                (root / f".error-{build}-{rank}").write_text(message.replace("\n", " "))
+            except OSError:
+                pass  # a full disk: the process exits and the launcher ends the others
         raise
     _wait_for(root, todo, build, say, stall_s)
     accelerator.wait_for_everyone()

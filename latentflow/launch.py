@@ -25,6 +25,19 @@ def _flag(args: Sequence[str], *names: str) -> bool:
     return any(a == n or a.startswith(n + "=") for a in args for n in names)
 
 
+def _first_error(path: str) -> str:
+    """The main process's error if it reported one, else the first reported."""
+    if not os.path.exists(path):
+        return ""
+    lines = [line.rstrip("\n").split("\t", 1) for line in open(path) if "\t" in line]
+    main = [m for rank, m in lines if rank == "0"]
+    return (main or [m for _, m in lines] or [""])[0]
+
+
+def _is_train(script_args: Sequence[str]) -> bool:
+    return not script_args or script_args[0] in ("train",) or script_args[0].startswith("-")
+
+
 def launch(launcher_args: Sequence[str], script_args: Sequence[str]) -> int:
     """Run ``python -m latentflow SCRIPT_ARGS`` under ``accelerate launch LAUNCHER_ARGS``."""
     import torch
@@ -43,6 +56,14 @@ def launch(launcher_args: Sequence[str], script_args: Sequence[str]) -> int:
             launcher_args += ["--num_processes", n]
         if int(n) > 1:
             launcher_args.append("--multi_gpu")
+        elif not any(a.startswith("--") and a.split("=")[0] not in ("--num_processes", "--mixed_precision")
+                     for a in launcher_args):
+            # one process and nothing else to set up: run here (signals then reach the run itself)
+            from .cli import main
+
+            mp = next((a.split("=", 1)[1] for a in launcher_args if a.startswith("--mixed_precision=")), None)
+            mp = mp or next((launcher_args[i + 1] for i, a in enumerate(launcher_args[:-1]) if a == "--mixed_precision"), None)
+            return main(list(script_args) + (["--mixed-precision", mp] if mp and _is_train(script_args) else []))
     from .runtime import resolve_mixed_precision
 
     # Unset choices take latentflow's defaults (precision as a single process picks it),
@@ -68,7 +89,7 @@ def launch(launcher_args: Sequence[str], script_args: Sequence[str]) -> int:
                 failures = {rank: f.exitcode for rank, f in exc.failures.items()}
             else:  # one process: Accelerate's simple launcher
                 failures = {0: exc.returncode}
-            message = open(error_file).readline().strip() if os.path.exists(error_file) else ""
+            message = _first_error(error_file)
             if message:
                 print(f"error: {message}", file=sys.stderr)
                 return 2

@@ -167,7 +167,8 @@ class LatentFlowPipeline(DiffusionPipeline):
             self.transformer, self.frozen_vae(), self.latent_shape, labels, num_images or 1,
             solver=solver, steps=steps, cfg_scale=scale if labels is not None else 0.0,
             guidance_interval=guidance_interval if guidance_interval is not None else c.guidance_interval,
-            atol=atol or c.atol, rtol=rtol or c.rtol, generator=generator, batch_size=batch_size,
+            atol=c.atol if atol is None else atol, rtol=c.rtol if rtol is None else rtol, generator=generator,
+            batch_size=batch_size,
             decode=output_type != "latent",
         )
         if output_type == "latent":

@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import random
 import re
@@ -175,7 +176,8 @@ def start_trackers(accelerator, run_dir: Path, config: dict, resume_step: Option
                 flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
 
     walk("", config)
-    kwargs = {"wandb": {"name": run_dir.name, "dir": str(run_dir)}}
+    run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]  # a resume continues the wandb run
+    kwargs = {"wandb": {"name": run_dir.name, "dir": str(run_dir), "id": run_id, "resume": "allow"}}
     if resume_step is not None:
         kwargs["tensorboard"] = {"purge_step": resume_step + 1}
     # TensorBoard writes into logging_dir/<project name>; wandb files the run under a project
@@ -201,16 +203,23 @@ def on_main(accelerator, fn: Callable[[], T]) -> T:
     full disk or a locked run fails the whole job in one line instead of leaving the other
     ranks waiting at the next collective.
     """
-    outcome = [None, None]
+    outcome, crash = [None, None], None
     if accelerator.is_main_process:
         try:
             outcome = [fn(), None]
         except LatentflowError as exc:
             outcome = [None, (type(exc), str(exc))]
+        except OSError as exc:  # a write outside the atomic helpers: still one line, on every rank
+            outcome = [None, (DiskError, f"{getattr(exc, 'filename', '') or 'a file'}: {exc.strerror or exc}; "
+                                         "free some space or write elsewhere (--output-dir)")]
+        except Exception as exc:  # a bug: the main process shows its traceback, the others stop too
+            crash, outcome = exc, [None, (RuntimeError, f"the main process failed ({type(exc).__name__}: {exc})")]
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         broadcast_object_list(outcome, from_process=0)
+    if crash is not None:
+        raise crash
     if outcome[1] is not None:
         kind, message = outcome[1]
         raise kind(message)
@@ -276,8 +285,8 @@ def get_rng_state() -> dict:
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached": float(cached)},
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only
     return state
 
 
@@ -288,7 +297,7 @@ def set_rng_state(state: dict) -> None:
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # --- atomic writes --------------------------------------------------------------------------
@@ -296,7 +305,7 @@ def set_rng_state(state: dict) -> None:
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)$")
 
 
-def _temp_name(final: Path, kind: str = "tmp") -> Path:
+def temp_name(final: Path, kind: str = "tmp") -> Path:
     return final.parent / f".{final.name}.{kind}-{HOST}-{os.getpid()}"
 
 
@@ -388,9 +397,13 @@ def _replace(tmp: Path, final: Path) -> None:
         if _exchange(tmp, final):
             shutil.rmtree(tmp, ignore_errors=True)  # now holds the old directory
             return
-        old = _temp_name(final, "old")
+        old = temp_name(final, "old")
         os.replace(final, old)  # a crash here leaves `old`, which remove_stale_temps puts back
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            os.replace(old, final)
+            raise
         shutil.rmtree(old, ignore_errors=True)
         return
     os.replace(tmp, final)
@@ -411,15 +424,26 @@ def _human(n: float) -> str:
 
 
 # What a failed write raises: OSError, safetensors' SafetensorError, and the RuntimeError of
-# torch.save ("PytorchStreamWriter failed writing file", "iostream error").
+# torch.save ("PytorchStreamWriter failed writing file", "iostream error"). Other errors in
+# the body (a bug) pass through as they are.
 _WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "file write failed", "unexpected pos", "iostream")
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return True
+    text = str(exc)
+    if isinstance(exc, SafetensorError):
+        return "IoError" in text or "Os {" in text or "No space" in text
+    return any(s in text for s in _TORCH_WRITE_FAILURES)
 
 
 def _reason(exc: BaseException, full: bool) -> str:
     text = str(exc).strip()
     if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
         return "No space left on device"
-    if full:  # torch.save reports a full disk as "unexpected pos ..." or "file write failed"
+    if full and not isinstance(exc, OSError):  # torch.save says "unexpected pos ..." on a full disk
         return f"No space left on device: {type(exc).__name__}"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
@@ -445,7 +469,7 @@ def atomic_dir(final: Path, what: str = "directory", needed: Optional[int] = Non
                intact: str = "what was there before is intact") -> Iterator[Path]:
     """Yield a temporary directory to fill; on success it replaces ``final`` atomically."""
     final = Path(final)
-    tmp = _temp_name(final)
+    tmp = temp_name(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -457,6 +481,8 @@ def atomic_dir(final: Path, what: str = "directory", needed: Optional[int] = Non
     except _WRITE_ERRORS as exc:
         written = _size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_write_failure(exc):
+            raise
         raise _disk_error(what, final, exc, needed or written, intact) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -468,7 +494,7 @@ def atomic_file(final: Path, what: str = "file", needed: Optional[int] = None,
                 intact: str = "what was there before is intact") -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``final`` atomically."""
     final = Path(final)
-    tmp = _temp_name(final)
+    tmp = temp_name(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
@@ -478,6 +504,8 @@ def atomic_file(final: Path, what: str = "file", needed: Optional[int] = None,
     except _WRITE_ERRORS as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if not _is_write_failure(exc):
+            raise
         raise _disk_error(what, final, exc, needed, intact) from None
     except BaseException:
         with contextlib.suppress(OSError):
@@ -512,17 +540,23 @@ def write_text_atomic(path: Path, text: str, what: str = "file") -> None:
 
 
 class StopRequest:
-    """SIGINT / SIGTERM ask the training loop to stop after the current optimizer step;
-    a second signal exits at once. In a launched worker, a watchdog thread turns the
-    death of the launcher (the parent process) into the same request, with a deadline.
+    """SIGINT, SIGTERM or SIGHUP ask the training loop to stop after the current optimizer
+    step; a second signal exits at once. In a launched worker, a watchdog thread turns the
+    death of the launcher (the parent process) into the same request, and exits the process
+    if it has not stopped ``grace_s`` later (also when the launcher dies during setup, before
+    there is a loop to stop).
 
-    ``code`` orders the reasons (0: none) so that ranks can agree on one with a max-reduce."""
+    ``code`` orders the reasons (0: none) so that ranks can agree on one with a max-reduce.
+    Under torchrun, the launcher forwards SIGTERM and kills its workers 30 s later: the
+    current step and its checkpoint have to fit in that."""
 
-    REASONS = {1: ("SIGINT", 130), 2: ("SIGTERM", 143), 3: ("the launcher process is gone", 143)}
+    REASONS = {1: ("SIGINT", 130), 2: ("SIGTERM", 143), 3: ("SIGHUP", 129), 4: ("the launcher process is gone", 143)}
+    _CODES = {signal.SIGINT: 1, signal.SIGTERM: 2, signal.SIGHUP: 3}
 
     def __init__(self):
         self.code = 0
         self._previous = {}
+        self._watching = False
 
     @property
     def requested(self) -> bool:
@@ -533,26 +567,36 @@ class StopRequest:
             sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting without a checkpoint\n")
             sys.stderr.flush()
             os._exit(128 + signum)
-        self.code = 1 if signum == signal.SIGINT else 2
+        self.code = self._CODES[signum]
 
-    def install(self, watch_parent: bool = False, grace_s: float = 60.0) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        if watch_parent:
+    def watch_parent(self, grace_s: float = 60.0) -> "StopRequest":
+        """Start the watchdog on the launcher (call as early as possible)."""
+        if not self._watching:
+            self._watching = True
             parent = os.getppid()
             threading.Thread(target=self._watch, args=(parent, grace_s), daemon=True, name="parent-watch").start()
         return self
 
+    def install(self) -> "StopRequest":
+        """Take over SIGINT, SIGTERM and SIGHUP (call when there is a loop to stop)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in self._CODES:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
     def _watch(self, parent: int, grace_s: float) -> None:
-        while os.getppid() == parent:
+        while self._watching and os.getppid() == parent:
             time.sleep(0.5)
+        if not self._watching:
+            return
         if not self.code:
-            self.code = 3
+            self.code = 4
         time.sleep(grace_s)  # time to finish the step and write a checkpoint
-        os._exit(128 + signal.SIGTERM)
+        if self._watching:
+            os._exit(128 + signal.SIGTERM)
 
     def uninstall(self) -> None:
+        self._watching = False
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

@@ -102,7 +102,8 @@ def sample_images(
     ``trajectory_times > 0`` also decodes x_t at that many evenly spaced times (fixed-step
     solvers: at step boundaries) for the trajectory figure.
     """
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype  # a pipeline loaded in fp16 samples in fp16
     n = len(labels) if labels is not None else int(num_samples)
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *latent_shape), generator=gen)  # (N, c, h, w)
@@ -111,7 +112,7 @@ def sample_images(
     images, latents, traj, times, nfe = [], [], [], None, 0
     model.eval()
     for start in range(0, n, batch_size):
-        x0 = noise[start : start + batch_size].to(device)
+        x0 = noise[start : start + batch_size].to(device, dtype)
         y = None if label_t is None else label_t[start : start + batch_size].to(device)
         with autocast():
             result = integrate(

@@ -12,8 +12,10 @@ Everything that changes as training goes lives in ``TrainState``; its ``state_di
 what a checkpoint stores beside the weights, so a run killed at any moment and resumed
 from a checkpoint continues bit for bit (see README, "Reliability").
 
-Only the main process writes files and prints; every process runs the same collectives in
-the same order, and a failure on the main process reaches all of them (``runtime.on_main``).
+Only the main process writes files and prints. Every process runs the same collectives in
+the same order: the decisions that guard them (skip a step, stop, checkpoint) come from
+values all ranks share, and a failure on the main process reaches all of them
+(``runtime.on_main``).
 """
 
 from __future__ import annotations
@@ -35,16 +37,22 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     load_checkpoint,
+    load_model_state,
+    load_optimizer_state,
+    model_state,
     new_run_dir,
+    optimizer_state,
+    read_state,
     resolve_resume,
     run_base_name,
     runs_of,
     save_checkpoint,
+    set_aside_newer,
 )
-from .config import EXTENSIBLE_TRAIN_FIELDS, ExperimentConfig, config_to_dict
+from .config import CONTINUABLE_FIELDS, ExperimentConfig, config_to_dict
 from .data import build_dataset
 from .ema import EMA
-from .errors import CheckpointError, LatentflowError, PeerLost, TrainingDiverged
+from .errors import CheckpointError, DiskError, LatentflowError, PeerLost, TrainingDiverged
 from .figures import class_grid_labels, image_grid, save_grid, save_loss_by_time, save_loss_curve
 from .flow import cfm_loss, sample_time
 from .latents import LatentBatches, default_cache_dir, load_or_build_cache
@@ -83,7 +91,7 @@ class Runtime:
 
     output_dir: Path = Path("runs")
     resume: Optional[str] = None  # 'latest', a run directory or a checkpoint directory
-    mixed_precision: Optional[str] = None  # no | bf16 | fp16; None: the launcher's, else auto
+    mixed_precision: Optional[str] = None  # no | bf16 | fp16; None: a resumed run's, the launcher's, else auto
     cpu: bool = False
     cache_dir: Optional[Path] = None
     dist_timeout: float = 180.0  # seconds a collective may wait for a dead or stalled rank
@@ -102,17 +110,21 @@ class Interrupted(Exception):
 @dataclass
 class TrainState:
     """Counters and partial sums of a run: with the weights, optimizer and RNG states, all a
-    checkpoint needs for the run to continue exactly where it was."""
+    checkpoint needs for the run to continue exactly where it was. The sums are over all
+    ranks; on resume the main process carries them and the others start from zero."""
 
     epoch: int = 0  # epochs completed
     iteration: int = 0  # optimizer-step attempts made in the current epoch (skipped ones too)
     step: int = 0  # optimizer steps taken
     nonfinite_run: int = 0  # consecutive skipped steps
     nonfinite_total: int = 0
-    loss_sum: float = 0.0  # this epoch so far, over all ranks (for the epoch mean)
+    loss_sum: float = 0.0  # this epoch so far (for the epoch mean)
     loss_count: int = 0
     bin_sum: List[float] = field(default_factory=lambda: [0.0] * TIME_BINS)
     bin_count: List[float] = field(default_factory=lambda: [0.0] * TIME_BINS)
+    window_loss: float = 0.0  # this log interval so far
+    window_grad: float = 0.0
+    window_steps: int = 0
     log_bytes: int = 0  # length of log.jsonl when the checkpoint was written
 
     def state_dict(self) -> dict:
@@ -120,14 +132,14 @@ class TrainState:
 
     @classmethod
     def from_state_dict(cls, values: dict, where: Path) -> "TrainState":
-        names = [f for f in cls.__dataclass_fields__]
+        names = list(cls.__dataclass_fields__)
         missing = [k for k in names if k not in values]
         if missing:
             raise CheckpointError(f"{where}: its train_state lacks {', '.join(missing)}; use an earlier checkpoint")
         return cls(**{k: values[k] for k in names})
 
 
-# --- the pieces of a step -----------------------------------------------------------------------
+# --- the pieces of a step -------------------------------------------------------------------
 
 
 def learning_rate(cfg, step: int) -> float:
@@ -153,19 +165,21 @@ def training_loss(model, x1, labels, flow, class_dropout: float, null_label: int
     return cfm_loss(model, x0, x1, t, flow.sigma_min, y=y), t
 
 
-def _diverged(run: "Run", what: str) -> TrainingDiverged:
-    return TrainingDiverged(
-        f"{what}; last good checkpoint: {run.last_checkpoint or 'none'}; "
-        "lower train.lr, or use --mixed-precision bf16 instead of fp16"
-    )
+def all_finite(model) -> bool:
+    """Whether every weight is finite; every rank gets the same answer (under FSDP each
+    holds shards, so the ranks agree by an all-reduce)."""
+    params = list(model.parameters())
+    sharded = any(type(p).__name__ == "DTensor" for p in params)
+    norms = torch._foreach_norm([p.to_local().detach() if sharded else p.detach() for p in params])
+    finite = torch.isfinite(torch.stack(norms)).all().to(torch.int32)
+    if sharded:
+        import torch.distributed as dist
+
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
 
 
-def _all_finite(model) -> bool:
-    norms = torch._foreach_norm([p.detach() for p in model.parameters()])
-    return bool(torch.isfinite(torch.stack(norms)).all())
-
-
-# --- the run: what setup builds and the loop uses ---------------------------------------------
+# --- the run: what setup builds and the loop uses -------------------------------------------
 
 
 @dataclass
@@ -180,15 +194,12 @@ class Run:
     optimizer: object
     batches: LatentBatches
     rng: RankRNG
-    state: TrainState
-    run_dir: Optional[Path]  # on the main process; None elsewhere
-    latent_shape: tuple
-    num_classes: int
-    class_names: Optional[List[str]]
+    run_dir: Path
+    facts: dict  # what the checkpoints record about the model and the data
     grid_labels: Optional[List[int]]
-    model_meta: dict
     stop: StopRequest
-    faults: dict = field(default_factory=dict)
+    faults: dict
+    state: TrainState = field(default_factory=TrainState)
     last_checkpoint: Optional[Path] = None
 
     @property
@@ -200,28 +211,36 @@ class Run:
             tqdm.write(text, file=sys.stdout)
             sys.stdout.flush()
 
+    def append_log(self, record: dict) -> None:
+        """Append to log.jsonl (main process only; inside ``on_main``)."""
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def log(self, record: dict) -> None:
-        if self.is_main:
-            with open(self.run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        """Append to log.jsonl; every rank calls it (a failure reaches all)."""
+        on_main(self.accelerator, lambda: self.append_log(record))
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        return TrainingDiverged(f"{what}; last good checkpoint: {self.last_checkpoint or 'none'}; "
+                                "lower train.lr, or use --mixed-precision bf16 instead of fp16")
 
 
 def _check_same_setup(saved: dict, cfg: ExperimentConfig, run_dir: Path) -> List[str]:
-    """Refuse a run whose experiment differs in anything but the fields an extension may
-    change; return those changes as 'train.epochs: 2 -> 3'."""
-    now = config_to_dict(cfg)
+    """Refuse a run whose experiment differs in anything but ``CONTINUABLE_FIELDS``; return
+    those changes as 'train.epochs: 2 -> 3'. A key an older config lacks is its default."""
+    now, default = config_to_dict(cfg), config_to_dict(ExperimentConfig())
+    if saved.get("name") != now["name"]:
+        raise CheckpointError(f"cannot resume {run_dir}: it is experiment {saved.get('name')!r}, not {now['name']!r}")
     changes = []
     for section, values in now.items():
         if not isinstance(values, dict):
-            if saved.get(section) != values:
-                raise CheckpointError(f"cannot resume {run_dir}: it is experiment {saved.get(section)!r}, not {values!r}")
             continue
         for key, value in values.items():
-            old = (saved.get(section) or {}).get(key)
+            old = (saved.get(section) or {}).get(key, default[section][key])
             if old == value:
                 continue
-            if section == "train" and key in EXTENSIBLE_TRAIN_FIELDS:
-                changes.append(f"train.{key}: {old} -> {value}")
+            if f"{section}.{key}" in CONTINUABLE_FIELDS:
+                changes.append(f"{section}.{key}: {old} -> {value}")
                 continue
             raise CheckpointError(
                 f"cannot resume {run_dir}: it was trained with {section}.{key}={old!r}, this config says {value!r}; "
@@ -231,14 +250,10 @@ def _check_same_setup(saved: dict, cfg: ExperimentConfig, run_dir: Path) -> List
 
 
 def _resume_command(rt: Runtime, run_dir: Path) -> str:
-    argv = list(rt.argv or [])
     cleaned, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg == "--resume":
-            skip = True
+    for arg in rt.argv or []:
+        if skip or arg == "--resume":
+            skip = not skip
             continue
         if not arg.startswith("--resume="):
             cleaned.append(arg)
@@ -246,40 +261,31 @@ def _resume_command(rt: Runtime, run_dir: Path) -> str:
     return " ".join([prefix, *map(shlex.quote, cleaned), "--resume", shlex.quote(str(run_dir))])
 
 
-# --- setup ------------------------------------------------------------------------------------
+# --- setup ----------------------------------------------------------------------------------
 
 
-def setup(cfg: ExperimentConfig, rt: Runtime, accelerator, stop: StopRequest, lock: List[RunLock]) -> Optional[Run]:
-    """Build everything, then resume if asked; None when the run to resume is finished.
-    The run's lock is appended to ``lock`` as soon as it is taken."""
+def _claim(run_dir: Path, lock: List[RunLock]) -> Path:
+    """Lock ``run_dir`` for this process (main only) and clear an earlier crash's debris."""
+    lock.append(RunLock(run_dir).acquire())
+    if lock[-1].previous:
+        print(f"{run_dir}: took over the lock of {lock[-1].previous}, which is no longer running")
+    removed = sum(remove_stale_temps(d, any_owner=True) for d in (run_dir, run_dir / "checkpoints", run_dir / "figures"))
+    if removed:
+        print(f"{run_dir}: removed {removed} temporary file(s) left by an earlier crash")
+    return run_dir
+
+
+def setup(cfg: ExperimentConfig, rt: Runtime, accelerator, stop: StopRequest, lock: List[RunLock],
+          resume: Optional[tuple]) -> Optional[Run]:
+    """Build everything, then resume from ``resume`` (run dir, checkpoint) if given; None
+    when that run has nothing left to do. The run's lock is appended to ``lock``."""
     from accelerate.utils import set_seed
 
     is_main, device = accelerator.is_main_process, accelerator.device
-    base = run_base_name(cfg.name, rt.overrides)
+    if resume is not None:
+        on_main(accelerator, lambda: _claim(resume[0], lock))  # before any work: one writer per run
 
-    # --- where: the run being resumed (locked at once: one writer per run) -----------------
-    def claim(run_dir: Path) -> Path:
-        lock.append(RunLock(run_dir).acquire())
-        if lock[0].previous:
-            print(f"{run_dir}: took over the lock of {lock[0].previous}, which is no longer running")
-        removed = remove_stale_temps(run_dir, any_owner=True) + remove_stale_temps(run_dir / "checkpoints", any_owner=True)
-        if removed:
-            print(f"{run_dir}: removed {removed} temporary file(s) left by an earlier crash")
-        return run_dir
-
-    def find() -> Optional[tuple]:
-        found = resolve_resume(rt.resume, rt.output_dir, base)
-        if found is None:
-            others = runs_of(rt.output_dir, base)
-            why = f" ({len(others)} without a checkpoint)" if others else ""
-            print(f"--resume latest: no checkpoint of experiment {base!r} under {rt.output_dir}{why}; starting fresh")
-            return None
-        claim(found[0])
-        return found
-
-    resume = on_main(accelerator, find) if rt.resume else None
-
-    # --- build: VAE, data, the model from the seed alone, the cache ------------------------
+    # --- build: VAE, data, the model from the seed alone, the cache -----------------------
     vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder).to(device)
     latent_shape = vae.latent_shape(cfg.data.image_size)  # (c, h, w)
     dataset = build_dataset(cfg.data, channels=vae.in_channels)
@@ -289,49 +295,54 @@ def setup(cfg: ExperimentConfig, rt: Runtime, accelerator, stop: StopRequest, lo
                              num_classes=dataset.num_classes)
     except ValueError as exc:
         raise LatentflowError(f"model.name {cfg.model.name}: {exc}") from None
-    progress = (lambda it: tqdm(it, desc="encode", leave=False, disable=not sys.stderr.isatty())) if is_main else None
-    cache, cache_path = load_or_build_cache(
-        vae, dataset, rt.cache_dir or default_cache_dir(), accelerator, cfg.data, cfg.vae, progress,
-        stall_s=max(3600.0, rt.dist_timeout),
-    )
+    progress = (lambda it: tqdm(it, desc="encode", leave=False)) if is_main and sys.stderr.isatty() else None
+    cache, cache_root = load_or_build_cache(vae, dataset, rt.cache_dir or default_cache_dir(), accelerator,
+                                            cfg.data, cfg.vae, progress, stall_s=max(3600.0, rt.dist_timeout))
     model.to(device)
     ema = EMA(model, cfg.train.ema_decay)
+    if cfg.train.grad_checkpointing:
+        model.enable_gradient_checkpointing()  # recompute each DiT block in backward
+    if cfg.train.compile:
+        model.compile()  # in place: parameter names keep no "_orig_mod." prefix
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-    model_meta = {"class": type(raw_model).__name__, "config": {k: v for k, v in raw_model.config.items()
-                                                                 if not k.startswith("_")}, "preset": cfg.model.name}
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    ema.track(raw_model)  # under FSDP, each rank averages its own shards
     batches = LatentBatches(cache, cfg.train.batch_size, accelerator.num_processes, accelerator.process_index,
                             cfg.train.grad_accum, cfg.train.seed)
-    grid_classes = min(dataset.num_classes, GRID_MAX_CLASSES)
-    run = Run(
-        cfg=cfg, rt=rt, accelerator=accelerator, vae=vae, model=model, raw_model=raw_model, ema=ema,
-        optimizer=optimizer, batches=batches, rng=RankRNG(cfg.train.seed, accelerator.process_index, device),
-        state=TrainState(), run_dir=None, latent_shape=latent_shape, num_classes=dataset.num_classes,
-        class_names=getattr(dataset, "class_names", None),
-        grid_labels=class_grid_labels(grid_classes, cfg.sampler.grid_per_class), model_meta=model_meta,
-        stop=stop, faults=faults(),
-    )
+    facts = {
+        "model": {"class": type(raw_model).__name__, "preset": cfg.model.name,
+                  "config": {k: v for k, v in raw_model.config.items() if not k.startswith("_")}},
+        "num_classes": dataset.num_classes, "class_names": getattr(dataset, "class_names", None) or None,
+        "latent_shape": list(latent_shape), "vae": {"name": cfg.vae.pretrained, "identity": vae.identity},
+        "data": {"fingerprint": dataset.fingerprint(), "rows": len(cache),
+                 "iterations_per_epoch": batches.iterations_per_epoch},
+    }
+    base = run_base_name(cfg.name, rt.overrides)
+    run_dir = resume[0] if resume else on_main(accelerator, lambda: _claim(new_run_dir(rt.output_dir, base), lock))
+    run = Run(cfg=cfg, rt=rt, accelerator=accelerator, vae=vae, model=model, raw_model=raw_model, ema=ema,
+              optimizer=optimizer, batches=batches, rng=RankRNG(cfg.train.seed, accelerator.process_index, device),
+              run_dir=run_dir, facts=facts, stop=stop, faults=faults(),
+              grid_labels=class_grid_labels(min(dataset.num_classes, GRID_MAX_CLASSES), cfg.sampler.grid_per_class))
 
-    # --- a new run directory, or the resumed one ----------------------------------------------
-    run_dir = resume[0] if resume is not None else on_main(accelerator, lambda: claim(new_run_dir(rt.output_dir, base)))
-    run.run_dir = run_dir if is_main else None
     if resume is None:
-        if is_main:
+        def start() -> None:
             (run_dir / "figures").mkdir(exist_ok=True)
             write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config")
-            run.log({"event": "start", "experiment": cfg.name, "overrides": list(rt.overrides),
-                     "command": " ".join(rt.argv or []), "processes": accelerator.num_processes,
-                     "mixed_precision": accelerator.mixed_precision, "cache": str(cache_path), "time": time.time()})
-    else:
-        if not _resume(run, resume[1]):
-            return None
-    start_trackers(accelerator, run_dir, config_to_dict(cfg), run.state.step if resume is not None else None)
+            run.append_log({"event": "start", "experiment": cfg.name, "overrides": list(rt.overrides),
+                            "command": " ".join(rt.argv or []), "processes": accelerator.num_processes,
+                            "mixed_precision": accelerator.mixed_precision, "cache": str(cache_root),
+                            "time": time.time()})
+
+        on_main(accelerator, start)
+    elif not _resume(run, resume[1]):
+        return None
+    start_trackers(accelerator, run_dir, config_to_dict(cfg), run.state.step if resume else None)
     n_params = sum(p.numel() for p in raw_model.parameters())
     run.say(
         f"run {run_dir}  |  {cfg.model.name} ({n_params / 1e6:.2f} M params) on {len(cache)} latents "
         f"{tuple(latent_shape)}  |  {accelerator.num_processes} process(es) on {device.type}, "
-        f"mixed precision {accelerator.mixed_precision}  |  cache {cache_path.name}"
+        f"mixed precision {accelerator.mixed_precision}  |  cache {cache_root.name}"
     )
     return run
 
@@ -351,20 +362,28 @@ def _resume(run: Run, ckpt_dir: Path) -> bool:
             raise CheckpointError(f"cannot resume {run_dir}: its config.yaml is not a mapping")
         return saved
 
-    saved_cfg = on_main(acc, read_config)
-    changes = _check_same_setup(saved_cfg, cfg, run_dir)
+    changes = _check_same_setup(on_main(acc, read_config), cfg, run_dir)
     ckpt = load_checkpoint(ckpt_dir)
-    state = ckpt["state"]
-    if state["model"]["class"] != run.model_meta["class"] or state["model"]["config"] != run.model_meta["config"]:
+    state, facts = ckpt["state"], run.facts
+    if state["model"]["class"] != facts["model"]["class"] or state["model"]["config"] != facts["model"]["config"]:
         raise CheckpointError(f"{ckpt_dir} holds {state['model']['class']} {state['model']['config']}, "
-                              f"not the {run.model_meta['config']} this config builds; start a new run")
+                              f"not the {facts['model']['config']} this config builds; start a new run")
     if not run.vae.same_weights_as(state["vae"]["identity"]):
         raise CheckpointError(f"{ckpt_dir} was trained with VAE {state['vae']['identity']}, but {cfg.vae.pretrained} "
                               f"is now {run.vae.identity}; restore that VAE or start a new run")
+    saved_data = state.get("data")
+    if saved_data and (saved_data["fingerprint"], saved_data["rows"]) != (facts["data"]["fingerprint"], facts["data"]["rows"]):
+        raise CheckpointError(f"{ckpt_dir} was trained on other data ({saved_data['rows']} rows, fingerprint "
+                              f"{saved_data['fingerprint']}; now {facts['data']['rows']}, {facts['data']['fingerprint']}); "
+                              "restore the data or start a new run")
     saved_world = ckpt["rng"].get("world_size")
     if saved_world != acc.num_processes:
         raise CheckpointError(f"{ckpt_dir} was written by {saved_world} process(es); resume it with "
-                              f"{saved_world} (accelerate launch --num_processes {saved_world}) to continue exactly")
+                              f"{saved_world} (--num_processes {saved_world}) to continue exactly")
+    st = TrainState.from_state_dict(state["train_state"], ckpt_dir)
+    if st.iteration and cfg.train.epochs <= st.epoch:
+        raise CheckpointError(f"{ckpt_dir} is part way into epoch {st.epoch + 1}; train.epochs must be at least "
+                              f"{st.epoch + 1} to continue it")
 
     def restore(part: str, fn) -> None:
         try:
@@ -372,114 +391,100 @@ def _resume(run: Run, ckpt_dir: Path) -> bool:
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
             raise CheckpointError(f"{ckpt_dir}: cannot restore the {part} ({str(exc).splitlines()[0][:200]})") from None
 
-    restore("model weights", lambda: run.raw_model.load_state_dict(ckpt["model"]))
+    restore("model weights", lambda: load_model_state(run.raw_model, ckpt["model"]))
     restore("EMA weights", lambda: run.ema.load_state_dict(ckpt["ema"], state["ema_updates"]))
-    restore("optimizer state", lambda: run.optimizer.load_state_dict(ckpt["optimizer"]["optimizer"]))
-    if acc.scaler is not None:
+    restore("optimizer state", lambda: load_optimizer_state(run.raw_model, run.optimizer, ckpt["optimizer"]["optimizer"]))
+    if acc.scaler is not None and ckpt["optimizer"].get("scaler"):
         restore("fp16 grad scaler", lambda: acc.scaler.load_state_dict(ckpt["optimizer"]["scaler"]))
-    restore("random states", lambda: set_rng_state(ckpt["rng"]["ranks"][acc.process_index]))
-    run.state = TrainState.from_state_dict(state["train_state"], ckpt_dir)
-    run.last_checkpoint = ckpt_dir
-    st = run.state
+    run.state, run.last_checkpoint = st, ckpt_dir
 
     if st.epoch >= cfg.train.epochs and st.iteration == 0:
-        run.say(f"{run_dir} has finished all {st.epoch} epochs; nothing to do. To train it further, "
-                f"resume with --set train.epochs=N (N > {st.epoch})")
-        return False
+        export = run_dir / "export" / "latentflow.json"
+        if export.exists() and json.loads(export.read_text()).get("step") == st.step:
+            run.say(f"{run_dir} has finished all {st.epoch} epochs; nothing to do. To train it further, "
+                    f"resume with --set train.epochs=N (N > {st.epoch})")
+            return False
+        run.say(f"{run_dir} has finished training; writing its final grid and export")
 
     def rewrite_files() -> None:
         log = run_dir / "log.jsonl"
         if log.exists() and log.stat().st_size > st.log_bytes:  # records written after the checkpoint
             with open(log, "r+b") as f:
                 f.truncate(st.log_bytes)
+        aside = set_aside_newer(run_dir, st.step)
+        if aside:
+            print(f"{run_dir}: moved the checkpoints after step {st.step} to {aside} (another timeline)")
         if changes:
             write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config")
+        run.append_log({"event": "resume", "checkpoint": str(ckpt_dir), "step": st.step, "epoch": st.epoch,
+                        "iteration": st.iteration, "changes": changes, "time": time.time()})
 
     on_main(acc, rewrite_files)
-    run.log({"event": "resume", "checkpoint": str(ckpt_dir), "step": st.step, "epoch": st.epoch,
-             "iteration": st.iteration, "changes": changes, "time": time.time()})
-    where = f"epoch {st.epoch + 1}, step {st.iteration}/{run.batches.iterations_per_epoch} of it" if st.iteration \
-        else f"the start of epoch {st.epoch + 1}"
+    where = (f"epoch {st.epoch + 1}, step {st.iteration}/{run.batches.iterations_per_epoch} of it" if st.iteration
+             else f"the start of epoch {st.epoch + 1}")
     run.say(f"resuming {run_dir} from {ckpt_dir.name} (optimizer step {st.step}, {where})"
             + (f"; changed {', '.join(changes)}" if changes else ""))
+    # last, so that nothing between here and the loop draws from the restored generators
+    restore("random states", lambda: set_rng_state(ckpt["rng"]["ranks"][acc.process_index]))
     return True
-
-
-# --- checkpoints ----------------------------------------------------------------------------
-
-
-def save(run: Run, stats: "EpochStats") -> Path:
-    """Checkpoint the run (every rank takes part: RNG states and partial sums are gathered).
-    Non-finite weights are never saved: the run stops, naming the last good checkpoint."""
-    from accelerate.utils import gather_object
-
-    acc, st = run.accelerator, run.state
-    if not _all_finite(run.raw_model):
-        raise _diverged(run, f"the weights became non-finite by optimizer step {st.step} (not saved)")
-    stats.fold_into(run)
-    ranks = gather_object([get_rng_state()]) if acc.num_processes > 1 else [get_rng_state()]
-
-    def write() -> Path:
-        st.log_bytes = (run.run_dir / "log.jsonl").stat().st_size if (run.run_dir / "log.jsonl").exists() else 0
-        state = {
-            "step": st.step, "epoch": st.epoch, "train_state": st.state_dict(), "ema_updates": run.ema.updates,
-            "model": run.model_meta, "num_classes": run.num_classes, "class_names": run.class_names,
-            "latent_shape": list(run.latent_shape), "vae": {"name": run.cfg.vae.pretrained, "identity": run.vae.identity},
-            "mixed_precision": acc.mixed_precision, "time": time.time(),
-        }
-        optimizer = {"optimizer": run.optimizer.state_dict(), "scaler": acc.scaler.state_dict() if acc.scaler else None}
-        return save_checkpoint(
-            run.run_dir, st.step, model=run.raw_model.state_dict(), ema=run.ema.state_dict(), optimizer=optimizer,
-            rng={"world_size": acc.num_processes, "ranks": ranks}, state=state, keep=run.cfg.train.keep_checkpoints,
-        )
-
-    run.last_checkpoint = on_main(acc, write)
-    return run.last_checkpoint
 
 
 # --- the loop -------------------------------------------------------------------------------
 
 
 class EpochStats:
-    """Device-side sums of one epoch: the loss over good steps and the per-sample loss by
-    t bin. On resume the main process starts from the sums the checkpoint recorded."""
+    """Device-side sums of one epoch (the loss over good steps, the per-sample loss by t bin)
+    and of the current log interval. A checkpoint records their global values in the
+    TrainState; on resume the main process starts from them and the others from zero, so
+    the next reduction over ranks gives the uninterrupted run's sums."""
 
     def __init__(self, run: Run):
-        st, device = run.state, run.accelerator.device
-        own = run.is_main  # the recorded sums are global: count them once
-        self.loss_sum = torch.tensor(st.loss_sum if own else 0.0, device=device, dtype=torch.float64)
-        self.loss_count = torch.tensor(st.loss_count if own else 0, device=device, dtype=torch.float64)
-        self.bin_sum = torch.tensor(st.bin_sum if own else [0.0] * TIME_BINS, device=device, dtype=torch.float64)
-        self.bin_count = torch.tensor(st.bin_count if own else [0.0] * TIME_BINS, device=device, dtype=torch.float64)
-        self.window = torch.zeros((), device=device)
-        self.window_grad = torch.zeros((), device=device)
-        self.window_steps = 0
-        self.window_start = time.perf_counter()
+        st, device, own = run.state, run.accelerator.device, run.is_main
 
-    def add_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, bin_sum: torch.Tensor, bin_count: torch.Tensor):
-        self.loss_sum += loss.double()
+        def tensor(value, zero):
+            return torch.tensor(value if own else zero, device=device, dtype=torch.float64)
+
+        self.loss_sum, self.loss_count = tensor(st.loss_sum, 0.0), tensor(st.loss_count, 0.0)
+        self.bin_sum, self.bin_count = tensor(st.bin_sum, [0.0] * TIME_BINS), tensor(st.bin_count, [0.0] * TIME_BINS)
+        self.window_loss, self.window_grad = tensor(st.window_loss, 0.0), tensor(st.window_grad, 0.0)
+        self.window_steps = st.window_steps  # the same on every rank
+        self.window_start, self.window_ran = time.perf_counter(), 0  # for throughput: steps run here
+        self.steps_run = 0  # optimizer-step attempts of this process, for throughput
+
+    def add_step(self, result: "StepResult") -> None:
+        self.loss_sum += result.loss.double()
         self.loss_count += 1
-        self.bin_sum += bin_sum.double()
-        self.bin_count += bin_count.double()
-        self.window += loss
-        self.window_grad += grad_norm.float()
+        self.bin_sum += result.bin_sum.double()
+        self.bin_count += result.bin_count.double()
+        self.window_loss += result.loss.double()
+        self.window_grad += result.grad_norm.double()
         self.window_steps += 1
+        self.window_ran += 1
 
-    def global_sums(self, acc):
-        t = torch.cat([self.loss_sum[None], self.loss_count[None], self.bin_sum, self.bin_count])
-        return acc.reduce(t, "sum") if acc.num_processes > 1 else t
+    def global_sums(self, acc) -> List[float]:
+        t = torch.cat([self.loss_sum[None], self.loss_count[None], self.bin_sum, self.bin_count,
+                       self.window_loss[None], self.window_grad[None]])
+        return (acc.reduce(t, "sum") if acc.num_processes > 1 else t).tolist()
 
     def fold_into(self, run: Run) -> None:
-        """Record the global sums so far in the TrainState (for a mid-epoch checkpoint)."""
-        t = self.global_sums(run.accelerator).tolist()
-        st = run.state
+        """Record the global sums so far in the TrainState (every rank calls it)."""
+        t, st, n = self.global_sums(run.accelerator), run.state, TIME_BINS
         st.loss_sum, st.loss_count = t[0], int(t[1])
-        st.bin_sum, st.bin_count = t[2 : 2 + TIME_BINS], t[2 + TIME_BINS :]
+        st.bin_sum, st.bin_count = t[2 : 2 + n], t[2 + n : 2 + 2 * n]
+        st.window_loss, st.window_grad, st.window_steps = t[2 + 2 * n], t[3 + 2 * n], self.window_steps
 
 
-def train_step(run: Run, epoch: int, iteration: int):
-    """One optimizer step over ``grad_accum`` micro-batches of this rank. Returns the mean
-    loss, the gradient norm, the per-bin loss sums and counts, and whether it was skipped."""
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean loss of this rank's micro-batches
+    grad_norm: torch.Tensor
+    bin_sum: torch.Tensor  # per-sample loss summed by t bin (TIME_BINS,)
+    bin_count: torch.Tensor
+    skipped: bool  # non-finite loss or gradients: no optimizer step
+
+
+def train_step(run: Run, epoch: int, iteration: int) -> StepResult:
+    """One optimizer step over ``grad_accum`` micro-batches of this rank."""
     cfg, acc, model = run.cfg, run.accelerator, run.model
     device, accum = acc.device, cfg.train.grad_accum
     attempt = epoch * run.batches.iterations_per_epoch + iteration + 1
@@ -494,9 +499,7 @@ def train_step(run: Run, epoch: int, iteration: int):
             x1 = run.vae.scale(z)  # (B, c, h, w) data end of the path
             per_sample, t = training_loss(model, x1, labels, cfg.flow, cfg.model.class_dropout,
                                           run.raw_model.null_label, gen)
-            loss = per_sample.mean()
-            if inject:
-                loss = loss * float("inf")
+            loss = per_sample.mean() * (float("inf") if inject else 1.0)
             bins = (t * TIME_BINS).long().clamp_(max=TIME_BINS - 1)  # (B,)
             bin_sum.index_add_(0, bins, per_sample.detach().float())
             bin_count.index_add_(0, bins, torch.ones_like(t))
@@ -513,7 +516,7 @@ def train_step(run: Run, epoch: int, iteration: int):
                 run.optimizer.zero_grad(set_to_none=True)
     if acc.scaler is not None and acc.optimizer_step_was_skipped:
         skipped = True
-    return torch.stack(losses).mean(), grad_norm, bin_sum, bin_count, skipped
+    return StepResult(torch.stack(losses).mean(), grad_norm.detach(), bin_sum, bin_count, skipped)
 
 
 def _stop_agreed(run: Run) -> int:
@@ -528,8 +531,21 @@ def _stop_agreed(run: Run) -> int:
     return int(code.item())
 
 
+def _fault_hooks(run: Run, moment: str) -> None:
+    """Test hooks at exact moments (``runtime.faults``): right after optimizer step N, or
+    once its checkpoint (if any) is written."""
+    step, hooks = run.state.step, run.faults
+    if moment == "step" and step in hooks.get("nan_weights", ()):
+        with torch.no_grad():
+            next(run.raw_model.parameters()).fill_(float("nan"))
+    if moment == "saved" and step in hooks.get("sigkill", ()):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if moment == "saved" and step in hooks.get("sigterm", ()):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the end of the next step
+
+
 def train_one_epoch(run: Run, epoch: int) -> EpochStats:
-    cfg, acc, st = run.cfg, run.accelerator, run.state
+    cfg, st = run.cfg, run.state
     n = run.batches.iterations_per_epoch
     stats = EpochStats(run)
     run.model.train()
@@ -538,52 +554,47 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     for iteration in range(st.iteration, n):
         for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(cfg.train, st.step)
-        loss, grad_norm, bin_sum, bin_count, skipped = train_step(run, epoch, iteration)
-        st.iteration = iteration + 1
-        if skipped:
-            st.nonfinite_run += 1
-            st.nonfinite_total += 1
+        result = train_step(run, epoch, iteration)
+        st.iteration, stats.steps_run = iteration + 1, stats.steps_run + 1
+        if result.skipped:
+            st.nonfinite_run, st.nonfinite_total = st.nonfinite_run + 1, st.nonfinite_total + 1
             if st.nonfinite_run >= cfg.train.max_nonfinite:
-                raise _diverged(run, f"loss or gradients were non-finite for {st.nonfinite_run} steps in a row "
-                                     f"(optimizer step {st.step}, epoch {epoch + 1})")
+                raise run.diverged(f"loss or gradients were non-finite for {st.nonfinite_run} steps in a row "
+                                   f"(optimizer step {st.step}, epoch {epoch + 1})")
         else:
-            st.nonfinite_run = 0
-            st.step += 1
+            st.nonfinite_run, st.step = 0, st.step + 1
             run.ema.update(run.raw_model)
-            stats.add_step(loss, grad_norm, bin_sum, bin_count)
-            if st.step in run.faults.get("nan_weights", ()):
-                with torch.no_grad():
-                    next(run.raw_model.parameters()).fill_(float("nan"))
+            stats.add_step(result)
+            _fault_hooks(run, "step")
+            if st.step % cfg.train.log_every == 0:
+                if not all_finite(run.raw_model):  # cheap, at the log interval only
+                    raise run.diverged(f"the weights became non-finite by optimizer step {st.step} (epoch {epoch + 1})")
+                _log_interval(run, stats, epoch, bar)
         bar.update()
-        if not skipped and st.step % cfg.train.log_every == 0:
-            _log_interval(run, stats, epoch, bar)
         stopping = _stop_agreed(run)
-        due = not skipped and cfg.train.checkpoint_every and st.step % cfg.train.checkpoint_every == 0
-        if stopping or (due and st.iteration < n):  # the epoch end checkpoints anyway
+        checkpoint_due = (not result.skipped and cfg.train.checkpoint_every
+                          and st.step % cfg.train.checkpoint_every == 0 and st.iteration < n)  # epoch ends save anyway
+        if stopping or checkpoint_due:
             save(run, stats)
         if stopping:
             bar.close()
-            _stopped(run, stopping)
-        if not skipped and st.step in run.faults.get("sigkill", ()):
-            os.kill(os.getpid(), signal.SIGKILL)
-        if not skipped and st.step in run.faults.get("sigterm", ()):
-            os.kill(os.getpid(), signal.SIGTERM)  # handled at the end of the next step
+            reason, code = StopRequest.describe(stopping)
+            raise Interrupted(f"stopped ({reason}) after optimizer step {st.step}; checkpoint {run.last_checkpoint}; "
+                              f"continue with: {_resume_command(run.rt, run.run_dir)}", code)
+        if not result.skipped:
+            _fault_hooks(run, "saved")
     bar.close()
     return stats
 
 
 def _log_interval(run: Run, stats: EpochStats, epoch: int, bar) -> None:
-    """The loss reading every ``log_every`` steps: the only host sync beyond the skip check;
-    weights are checked for finiteness here too."""
+    """The loss reading every ``log_every`` steps: the only host sync beyond the skip check."""
     acc, st, cfg = run.accelerator, run.state, run.cfg
-    if stats.window_steps == 0:
-        return
-    values = torch.stack([stats.window, stats.window_grad]) / stats.window_steps
-    loss, grad = (acc.reduce(values, "mean") if acc.num_processes > 1 else values).tolist()
-    if not _all_finite(run.raw_model):
-        raise _diverged(run, f"the weights became non-finite by optimizer step {st.step} (epoch {epoch + 1})")
+    values = torch.stack([stats.window_loss, stats.window_grad])
+    total = acc.reduce(values, "sum") if acc.num_processes > 1 else values
+    loss, grad = (total / (stats.window_steps * acc.num_processes)).tolist()
     seconds = time.perf_counter() - stats.window_start
-    images_per_s = stats.window_steps * run.batches.global_batch * cfg.train.grad_accum / max(seconds, 1e-9)
+    images_per_s = stats.window_ran * run.batches.global_batch * cfg.train.grad_accum / max(seconds, 1e-9)
     lr = run.optimizer.param_groups[0]["lr"]
     run.log({"event": "step", "epoch": epoch + 1, "step": st.step, "loss": loss, "lr": lr, "grad_norm": grad,
              "images_per_s": images_per_s})
@@ -594,29 +605,52 @@ def _log_interval(run: Run, stats: EpochStats, epoch: int, bar) -> None:
                 f"  loss {loss:.4f}  grad {grad:.3f}  lr {lr:.2e}  {images_per_s:6.0f} img/s")
     else:
         bar.set_postfix(loss=f"{loss:.4f}")
-    stats.window.zero_()
+    stats.window_loss.zero_()
     stats.window_grad.zero_()
-    stats.window_steps = 0
-    stats.window_start = time.perf_counter()
+    stats.window_steps, stats.window_ran, stats.window_start = 0, 0, time.perf_counter()
 
 
-def _stopped(run: Run, code: int) -> None:
-    reason, exit_code = StopRequest.describe(code)
-    message = (f"stopped ({reason}) after optimizer step {run.state.step}; checkpoint {run.last_checkpoint}; "
-               f"continue with: {_resume_command(run.rt, run.run_dir or Path('RUN'))}")
-    raise Interrupted(message, exit_code)
+# --- checkpoints, epoch ends and the end ----------------------------------------------------
+
+
+def save(run: Run, stats: EpochStats) -> Path:
+    """Checkpoint the run (every rank takes part: RNG states and partial sums are gathered,
+    and the full weights under FSDP). Non-finite weights are never saved: the run stops,
+    naming the last good checkpoint."""
+    from accelerate.utils import gather_object
+
+    acc, st = run.accelerator, run.state
+    if not all_finite(run.raw_model):
+        raise run.diverged(f"the weights became non-finite by optimizer step {st.step} (not saved)")
+    stats.fold_into(run)
+    ranks = gather_object([get_rng_state()]) if acc.num_processes > 1 else [get_rng_state()]
+    model_sd, ema_sd = model_state(run.raw_model), run.ema.state_dict()
+    optimizer_sd = optimizer_state(run.raw_model, run.optimizer)
+
+    def write() -> Path:
+        log = run.run_dir / "log.jsonl"
+        st.log_bytes = log.stat().st_size if log.exists() else 0
+        state = {"step": st.step, "epoch": st.epoch, "train_state": st.state_dict(), "ema_updates": run.ema.updates,
+                 **run.facts, "mixed_precision": acc.mixed_precision, "time": time.time()}
+        optimizer = {"optimizer": optimizer_sd, "scaler": acc.scaler.state_dict() if acc.scaler else None}
+        path = save_checkpoint(run.run_dir, st.step, model=model_sd, ema=ema_sd, optimizer=optimizer,
+                               rng={"world_size": acc.num_processes, "ranks": ranks}, state=state,
+                               keep=run.cfg.train.keep_checkpoints)
+        return path, st.log_bytes
+
+    run.last_checkpoint, st.log_bytes = on_main(acc, write)  # every rank keeps the same state
+    return run.last_checkpoint
 
 
 def draw_grid(run: Run, path: Path):
-    """The grid of the fixed noise and labels with the EMA weights, saved to ``path``;
-    returns it as an (H, W, C) uint8 array."""
-    cfg = run.cfg
-    labels = run.grid_labels
+    """The grid of the fixed noise and labels with the EMA weights (in fp32, as ``sample``
+    draws), saved to ``path``; returns it as an (H, W, C) uint8 array."""
+    cfg, labels = run.cfg, run.grid_labels
     count = len(labels) if labels else cfg.sampler.grid_per_class * 8
     result = sample_images(
-        run.ema.model, run.vae, run.latent_shape, labels, count, solver=cfg.sampler.solver, steps=cfg.sampler.steps,
-        cfg_scale=cfg.sampler.cfg_scale, guidance_interval=cfg.sampler.guidance_interval, atol=cfg.sampler.atol,
-        rtol=cfg.sampler.rtol, seed=cfg.train.seed, autocast=run.accelerator.autocast,
+        run.ema.model, run.vae, run.facts["latent_shape"], labels, count, solver=cfg.sampler.solver,
+        steps=cfg.sampler.steps, cfg_scale=cfg.sampler.cfg_scale, guidance_interval=cfg.sampler.guidance_interval,
+        atol=cfg.sampler.atol, rtol=cfg.sampler.rtol, seed=cfg.train.seed,
     )
     ncol = cfg.sampler.grid_per_class if labels else 8
     with atomic_file(path, "figure") as tmp:
@@ -626,22 +660,23 @@ def draw_grid(run: Run, path: Path):
 
 def end_of_epoch(run: Run, epoch: int, stats: EpochStats, seconds: float) -> None:
     acc, st, cfg = run.accelerator, run.state, run.cfg
-    t = stats.global_sums(acc).tolist()
+    t = stats.global_sums(acc)
     loss_sum, count = t[0], int(t[1])
-    bins = [s / max(c, 1) for s, c in zip(t[2 : 2 + TIME_BINS], t[2 + TIME_BINS :])]
+    bins = [s / max(c, 1) for s, c in zip(t[2 : 2 + TIME_BINS], t[2 + TIME_BINS : 2 + 2 * TIME_BINS])]
     epoch_loss = loss_sum / count if count else None
     steps = run.batches.iterations_per_epoch
-    images_per_s = steps * cfg.train.grad_accum * run.batches.global_batch / max(seconds, 1e-9)
+    images_per_s = stats.steps_run * cfg.train.grad_accum * run.batches.global_batch / max(seconds, 1e-9)
     st.epoch, st.iteration = epoch + 1, 0
     st.loss_sum, st.loss_count = 0.0, 0
     st.bin_sum, st.bin_count = [0.0] * TIME_BINS, [0.0] * TIME_BINS
+    run.ema.materialize()  # a collective under FSDP: before only the main process draws
 
     def write() -> None:
         figure = run.run_dir / "figures" / f"epoch_{epoch + 1:03d}.png"
         grid = draw_grid(run, figure)
-        run.log({"event": "epoch", "epoch": epoch + 1, "step": st.step, "loss": epoch_loss, "seconds": seconds,
-                 "images_per_s": images_per_s, "good_steps": count // acc.num_processes,
-                 "nonfinite_steps": st.nonfinite_total, "loss_by_time": bins})
+        run.append_log({"event": "epoch", "epoch": epoch + 1, "step": st.step, "loss": epoch_loss, "seconds": seconds,
+                        "images_per_s": images_per_s, "good_steps": count // acc.num_processes,
+                        "nonfinite_steps": st.nonfinite_total, "loss_by_time": bins})
         scalars = {"epoch/loss": epoch_loss, "epoch/images_per_s": images_per_s, "epoch/nonfinite_steps": st.nonfinite_total}
         acc.log({k: v for k, v in scalars.items() if v is not None}, step=st.step)
         log_image(acc, "grid", grid, st.step)
@@ -650,13 +685,18 @@ def end_of_epoch(run: Run, epoch: int, stats: EpochStats, seconds: float) -> Non
                 f"{images_per_s:7.0f} img/s  -> {figure.parent.name}/{figure.name}")
 
     on_main(acc, write)
-    save(run, EpochStats(run))  # the next epoch's sums, all zero
+    new_epoch = EpochStats(run)  # the next epoch's sums (zero); the log window carries over
+    new_epoch.window_loss, new_epoch.window_grad = stats.window_loss, stats.window_grad
+    new_epoch.window_steps, new_epoch.window_ran, new_epoch.window_start = (
+        stats.window_steps, stats.window_ran, stats.window_start)
+    save(run, new_epoch)
 
 
 def finish(run: Run) -> Path:
     cfg, st = run.cfg, run.state
-    if not _all_finite(run.ema.model):
-        raise _diverged(run, "the EMA weights are non-finite at the end of training (not exported)")
+    run.ema.materialize()
+    if not all_finite(run.ema.model):
+        raise run.diverged("the EMA weights are non-finite at the end of training (not exported)")
 
     def write() -> Path:
         figures = run.run_dir / "figures"
@@ -664,7 +704,7 @@ def finish(run: Run) -> Path:
         log_file = run.run_dir / "log.jsonl"
         save_loss_curve(log_file, figures / "loss.png", title=f"{cfg.name}: {cfg.model.name}")
         save_loss_by_time(log_file, figures / "loss_by_time.png", title=f"{cfg.name}: loss by t")
-        pipe = pipeline_from_parts(run.ema.model, run.vae, cfg, run.class_names)
+        pipe = pipeline_from_parts(run.ema.model, run.vae, cfg, run.facts["class_names"])
         info = {"run": str(run.run_dir), "checkpoint": str(run.last_checkpoint), "step": st.step, "epoch": st.epoch}
         export = save_pipeline(pipe, run.run_dir / "export", cfg, info)
         run.say(f"done: {run.run_dir}  (export: {export}, final grid: {figures / 'final.png'})")
@@ -676,19 +716,39 @@ def finish(run: Run) -> Path:
 # --- the whole ------------------------------------------------------------------------------
 
 
+def _recorded_precision(rt: Runtime, resume: Optional[tuple]) -> Optional[str]:
+    """The precision a resumed run was trained in, unless a flag or the launcher chose one."""
+    if rt.mixed_precision or resume is None or os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return rt.mixed_precision
+    try:
+        return read_state(resume[1]).get("mixed_precision")
+    except CheckpointError:
+        return None
+
+
 def train(cfg: ExperimentConfig, rt: Optional[Runtime] = None) -> Optional[Path]:
     """Train ``cfg`` (a run directory is created under ``rt.output_dir``, or ``rt.resume``
-    continued) and return the run directory on the main process."""
+    continued) and return the run directory."""
     rt = rt or Runtime()
-    accelerator = make_accelerator(rt.mixed_precision, rt.cpu, cfg.train.grad_accum, rt.dist_timeout,
+    stop = StopRequest()
+    if is_launched():
+        stop.watch_parent()  # also while setting up: a dead launcher ends a long encode
+    base = run_base_name(cfg.name, rt.overrides)
+    # Where, before anything is built: --resume decides the run and its precision.
+    resume = resolve_resume(rt.resume, rt.output_dir, base) if rt.resume else None
+    if rt.resume == "latest" and resume is None and os.environ.get("RANK", "0") == "0":
+        others = runs_of(rt.output_dir, base)
+        why = f" ({len(others)} without a checkpoint)" if others else ""
+        print(f"--resume latest: no checkpoint of experiment {base!r} under {rt.output_dir}{why}; starting fresh")
+    accelerator = make_accelerator(_recorded_precision(rt, resume), rt.cpu, cfg.train.grad_accum, rt.dist_timeout,
                                    log_with=tracker_for(cfg.train.log_with), project_dir=str(rt.output_dir))
-    stop = StopRequest().install(watch_parent=is_launched())
     lock: List[RunLock] = []
     run = None
     try:
-        run = setup(cfg, rt, accelerator, stop, lock)
+        run = setup(cfg, rt, accelerator, stop, lock, resume)
         if run is None:
             return None
+        stop.install()  # from here a signal stops the loop cleanly, with a checkpoint
         for epoch in range(run.state.epoch, cfg.train.epochs):
             start = time.perf_counter()
             stats = train_one_epoch(run, epoch)

@@ -183,11 +183,13 @@ class FrozenVAE:
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """images (B, C, H, W) in [-1, 1] -> posterior mean and std (B, c, h, w), VAE space."""
-        posterior = self.autoencoder.encode(images.to(self.device)).latent_dist
+        dtype = next(self.autoencoder.parameters()).dtype
+        posterior = self.autoencoder.encode(images.to(self.device, dtype)).latent_dist
         return posterior.mean.float(), posterior.std.float()
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """model-space latents (B, c, h, w) -> images (B, C, H, W) in [-1, 1]."""
-        z = self.unscale(x.to(self.device).float())
-        return self.autoencoder.decode(z).sample.clamp(-1, 1)
+        dtype = next(self.autoencoder.parameters()).dtype
+        z = self.unscale(x.to(self.device).float()).to(dtype)
+        return self.autoencoder.decode(z).sample.float().clamp(-1, 1)
