@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .config import FlowConfig
+from .errors import LatentflowError
 from .models import create_model
 from .train import training_loss
 
@@ -125,7 +126,10 @@ def run_bench(s: BenchSettings, device: Optional[torch.device] = None, log: Call
 
     def new_model():
         torch.manual_seed(0)
-        m = create_model(model_name, sample_size=s.latent_size, in_channels=4, num_classes=10).to(device)
+        try:
+            m = create_model(model_name, sample_size=s.latent_size, in_channels=4, num_classes=10).to(device)
+        except ValueError as exc:
+            raise LatentflowError(f"--model {model_name} with --latent-size {s.latent_size}: {exc}") from None
         return m, torch.optim.AdamW(m.parameters(), lr=1e-4)
 
     model, opt = new_model()

@@ -52,6 +52,7 @@ __all__ = [
     "load_optimizer_state",
     "model_state",
     "optimizer_state",
+    "check_output_dir",
     "new_run_dir",
     "resolve_resume",
     "resolve_source",
@@ -86,7 +87,11 @@ def run_base_name(name: str, overrides: Sequence[str] = ()) -> str:
 
 def new_run_dir(output_dir: Path, base: str) -> Path:
     """Create ``<output_dir>/<base>-<timestamp>[-k]``, never an existing directory."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create {output_dir} ({exc.strerror}); choose another --output-dir") from None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for k in range(1000):
         run = output_dir / (f"{base}-{stamp}" + (f"-{k}" if k else ""))
@@ -95,7 +100,19 @@ def new_run_dir(output_dir: Path, base: str) -> Path:
             return run
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise CheckpointError(f"cannot create a run directory in {output_dir} ({exc.strerror}); "
+                                  "choose another --output-dir") from None
     raise CheckpointError(f"could not create a new run directory in {output_dir}")
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Refuse an --output-dir that is a file (or under one), before any work starts."""
+    for p in [Path(output_dir), *Path(output_dir).parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise CheckpointError(f"--output-dir {output_dir}: {p} is a file; choose a directory")
+            return
 
 
 def runs_of(output_dir: Path, base: str) -> List[Path]:
@@ -179,15 +196,26 @@ def read_state(ckpt: Path) -> dict:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete (no state.json); use an earlier one") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is unreadable ({exc}); use an earlier checkpoint") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format", 1) if isinstance(state, dict) else "?"
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a JSON object; the checkpoint is damaged, use an earlier one")
+    if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
-            f"checkpoint {ckpt} has format {found}, this latentflow reads format {CHECKPOINT_FORMAT}; "
+            f"checkpoint {ckpt} has format {state.get('format', 1)}, this latentflow reads format {CHECKPOINT_FORMAT}; "
             "it was written by another release"
         )
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; the checkpoint is damaged, use an earlier one")
+    kinds = {"step": int, "epoch": int, "train_state": dict, "model": dict, "num_classes": int, "latent_shape": list,
+             "vae": dict}
+    for key, kind in kinds.items():
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise CheckpointError(f"{path}: {key} is {state[key]!r}, not a {kind.__name__}; the checkpoint is damaged, "
+                                  "use an earlier one")
+    if not isinstance(state["model"].get("class"), str) or not isinstance(state["model"].get("config"), dict):
+        raise CheckpointError(f"{path}: 'model' must record the backbone class and config; the checkpoint is damaged")
+    if not isinstance(state["vae"].get("identity"), str):
+        raise CheckpointError(f"{path}: 'vae' must record the VAE's identity; the checkpoint is damaged")
     return state
 
 
@@ -215,6 +243,10 @@ def load_checkpoint(ckpt: Path, parts: Sequence[str] = ("model", "ema", "optimiz
             else:
                 why = f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else 'unreadable'}"
             raise CheckpointError(f"{path} cannot be loaded ({why}); use an earlier checkpoint") from None
+    rng = out.get("rng")
+    if "rng" in parts and (not isinstance(rng, dict) or not isinstance(rng.get("ranks"), list)):
+        raise CheckpointError(f"{ckpt / 'rng.pt'} is not a latentflow random-state file; the checkpoint is damaged, "
+                              "use an earlier one")
     return out
 
 

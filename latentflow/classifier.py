@@ -84,7 +84,7 @@ def train_classifier(out: Path, epochs: int = 15, batch_size: int = 64, lr: floa
     out = Path(out)
     from .runtime import check_output
 
-    check_output(out, overwrite, replace_shipped)
+    check_output(out, overwrite, replace_shipped, directory=True)
     torch.manual_seed(seed)
     train_set = build_dataset(DataConfig(), channels=1)
     test_set = build_dataset(DataConfig(split="test"), channels=1)

@@ -9,6 +9,7 @@ run stopped by SIGTERM or Ctrl-C exits with 143 or 130 after writing a checkpoin
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -94,7 +95,7 @@ def cmd_evaluate(args) -> None:
     report = evaluate_model(args.checkpoint, num_samples=args.num_samples, solver=args.solver, steps=args.steps,
                             cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size,
                             unconditional=args.unconditional, inception=args.inception, out=args.out,
-                            device=_device(args))
+                            overwrite=args.overwrite, device=_device(args))
     print(report["summary"])
 
 
@@ -155,6 +156,13 @@ def _add_sampling_args(p: argparse.ArgumentParser, num_samples: int) -> None:
     p.add_argument("--cpu", action="store_true", help="sample on the CPU even if a GPU is present")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``error: ...; see --help``) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def _sub(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,13 +170,13 @@ def _sub(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     invoked = os.path.basename(sys.argv[0])
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=invoked if invoked == "latentflow" else "python main.py", description="latentflow: latent flow matching trainer",
         epilog="example:\n  python main.py                       train the embedded default\n"
                "  python main.py sample --help         one command's flags",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p = _sub(sub, "train", "train a velocity model (the default command)",
              "python main.py train --config experiments/smoke.yaml --set train.epochs=3")
@@ -214,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unconditional", action="store_true", help="sample without labels (FD only)")
     p.add_argument("--inception", action="store_true", help="also Inception FID (needs its weights locally)")
     p.add_argument("--out", type=Path, default=None, help="JSON report path (default: RUN/eval/<settings>.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out report")
     p.set_defaults(func=cmd_evaluate)
 
     p = _sub(sub, "export", "write a LatentFlowPipeline directory from any checkpoint, run or export",
@@ -275,6 +284,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flag values that parse but cannot be used: (name, test, what it must be).
+_FLAG_RULES = [
+    (("num_samples", "steps", "num_images", "epochs", "batch_size", "ncol", "windows", "seed_batch",
+      "max_items", "latent_size"), lambda v: v >= 1, "an integer >= 1"),
+    (("trajectory", "seed"), lambda v: v >= 0, "an integer >= 0"),
+    (("dist_timeout", "lr", "window_seconds"), lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    (("cfg_scale", "kl_weight"), lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+]
+
+
+def _check_flags(args) -> Optional[str]:
+    for names, ok, must in _FLAG_RULES:
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and not ok(value):
+                return f"--{name.replace('_', '-')} must be {must}, got {value}"
+    if getattr(args, "command", None) == "bench":
+        from .models import MODELS
+
+        if args.model not in MODELS:
+            return f"--model {args.model!r} is not a registered model; choose one of {', '.join(MODELS)}"
+        try:
+            batches = [int(b) for b in args.batches.split(",")]
+        except ValueError:
+            return f"--batches {args.batches!r}: expected batch sizes like 32,64,128"
+        if not batches or min(batches) < 1:
+            return f"--batches {args.batches!r}: batch sizes must be >= 1"
+    return None
+
+
+def _quiet_libraries() -> None:
+    """Library warnings (diffusers' loading notes) would break the one-line error rule."""
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+
+
 def _report_error(message: str) -> None:
     """One line on stderr; under ``main.py launch`` also into the file the launcher reads."""
     path = os.environ.get("LATENTFLOW_ERROR_FILE")
@@ -308,16 +354,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         rest = argv[1:]
         split = rest.index("--") if "--" in rest else len(rest)
-        return launch(rest[:split], rest[split + 1 :])
+        try:
+            return launch(rest[:split], rest[split + 1 :])
+        except LatentflowError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "train")
     args = build_parser().parse_args(argv)
     args.argv = argv[1:] if argv and argv[0] == "train" else argv
-    for flag in ("num_samples", "steps", "num_images", "epochs", "batch_size", "dist_timeout"):
-        value = getattr(args, flag, None)
-        if value is not None and value <= 0:
-            print(f"error: --{flag.replace('_', '-')} must be > 0, got {value}", file=sys.stderr)
-            return 2
+    problem = _check_flags(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    _quiet_libraries()
     from .train import Interrupted
 
     try:

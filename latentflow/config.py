@@ -33,6 +33,8 @@ __all__ = [
     "TrainConfig",
     "VAEConfig",
     "config_from_dict",
+    "config_from_file",
+    "read_yaml_mapping",
     "config_to_dict",
     "load_config",
     "save_config",
@@ -216,6 +218,8 @@ class TrainConfig:
         for key in ("weight_decay", "warmup_steps", "grad_clip", "seed", "checkpoint_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.seed >= 2**32:
+            raise ConfigError(f"train.seed must be below 2**32 (numpy's limit), got {self.seed}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
         _choice("train.log_with", self.log_with, ("tensorboard", "wandb", "none"))
@@ -347,19 +351,44 @@ def _apply_override(values: Dict[str, Any], override: str) -> None:
         raise ConfigError(f"--set {override!r}: cannot parse the value ({exc.problem})") from None
 
 
+def read_yaml_mapping(path: Path, what: str = "config file") -> Dict[str, Any]:
+    """A YAML file holding a mapping, or a one-line ``ConfigError`` naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; give a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not a text file; give a YAML file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: {getattr(exc, 'problem', None) or 'parse error'}") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read ({exc.strerror})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of sections (data:, model:, ...)")
+    return values
+
+
+def config_from_file(path: Path, what: str = "config file") -> ExperimentConfig:
+    """The experiment saved in a run's ``config.yaml`` or an export's ``experiment.yaml``."""
+    try:
+        return config_from_dict(read_yaml_mapping(path, what))
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in {path})" if str(path) not in str(exc) else str(exc)) from None
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Defaults <- experiment file <- overrides, validated."""
     values: Dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file {path} not found; experiment files live in experiments/")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections (data:, model:, ...)")
+        values = read_yaml_mapping(path)
     for override in overrides:
         _apply_override(values, override)
     where = f" (in {path})" if path else ""

@@ -133,6 +133,7 @@ def evaluate_model(
     unconditional: bool = False,
     inception: bool = False,
     out: Optional[Path] = None,
+    overwrite: bool = False,
     device=None,
 ) -> Dict:
     """``python main.py evaluate``: sample from any model source and score the samples.
@@ -142,9 +143,11 @@ def evaluate_model(
     import time
 
     from .pipeline import default_output, load_pipeline
-    from .runtime import write_text_atomic
+    from .runtime import check_output, write_text_atomic
     from .sampling import sample_images
 
+    if out is not None:
+        check_output(Path(out), overwrite)
     classifier, classifier_info = load_classifier()
     pipe = load_pipeline(source, device)
     c = pipe.config

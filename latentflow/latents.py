@@ -258,9 +258,15 @@ def encode_items(vae: FrozenVAE, dataset, items: Sequence[int], batch_size: int 
             images, y, idx = images[good], y[good], idx[good]
         if len(idx) == 0:
             continue
-        parts = list(vae.encode(images))  # mean, std: (B, c, h, w) each
-        if hflip:
-            parts += list(vae.encode(images.flip(-1)))  # the mirror image, encoded as itself
+        try:
+            parts = list(vae.encode(images))  # mean, std: (B, c, h, w) each
+            if hflip:
+                parts += list(vae.encode(images.flip(-1)))  # the mirror image, encoded as itself
+        except (RuntimeError, MemoryError) as exc:
+            if not isinstance(exc, MemoryError) and "out of memory" not in str(exc) and "allocate" not in str(exc):
+                raise
+            raise DataError(f"encoding {tuple(images.shape)} images with VAE {vae.name} ran out of memory; lower "
+                            "vae.encode_batch_size or data.image_size") from None
         moments.append(torch.stack([p.cpu() for p in parts], dim=1))  # (B, K, c, h, w)
         labels.append(y)
         indices.append(idx)
@@ -286,7 +292,8 @@ def _plan(n_items: int, shard_size: int) -> List[Tuple[int, int]]:
     return [(a, min(a + shard_size, n_items)) for a in range(0, n_items, shard_size)]
 
 
-def _why_unusable(root: Path, i: int, span: Tuple[int, int], dataset, check_values: bool) -> Optional[str]:
+def _why_unusable(root: Path, i: int, span: Tuple[int, int], dataset, check_values: bool,
+                  row_shape: Tuple[int, ...] = (), dtype: str = "") -> Optional[str]:
     """None if shard ``i`` is complete and matches the dataset; "" if it is simply missing;
     else why it has to be encoded again."""
     if not _marker(root, i).exists():
@@ -294,10 +301,14 @@ def _why_unusable(root: Path, i: int, span: Tuple[int, int], dataset, check_valu
     try:
         marker = json.loads(_marker(root, i).read_text())
         shard = Shard(_shard_file(root, i))
-    except (OSError, ValueError, KeyError, struct.error) as exc:
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         return f"it cannot be read ({type(exc).__name__}: {str(exc)[:80]})"
     if len(shard) != marker.get("rows"):
         return f"it holds {len(shard)} rows, its marker says {marker.get('rows')}"
+    if row_shape and tuple(shard.shape[1:]) != tuple(row_shape):
+        return f"its moments have shape {tuple(shard.shape[1:])}, not {tuple(row_shape)}"
+    if dtype and shard.torch_dtype != CACHE_DTYPES[dtype][0]:
+        return f"it stores {shard.torch_dtype}, not {dtype}"
     idx = shard.indices
     if len(idx) and (idx.min() < span[0] or idx.max() >= span[1] or not torch.equal(shard.labels, dataset.labels[idx])):
         return "its labels differ from the dataset's"
@@ -409,10 +420,12 @@ def load_or_build_cache(
             except OSError as exc:
                 raise DataError(f"could not write latent cache {root} ({exc.strerror}); pass another --cache-dir DIR") from None
             write_text_atomic(manifest, json.dumps({"metadata": metadata, "shards": plan}, indent=1), "latent cache manifest")
-        small = len(dataset) * int(np.prod(vae.latent_shape(dataset.image_shape[-1]))) * 8 < (1 << 30)
+        latent = vae.latent_shape(dataset.image_shape[-1])
+        row_shape = (4 if hflip else 2, *latent)
+        small = len(dataset) * int(np.prod(row_shape)) * 4 < (1 << 30)
         todo, damaged = [], []
         for i, span in enumerate(plan):
-            why = _why_unusable(root, i, span, dataset, check_values=small)
+            why = _why_unusable(root, i, span, dataset, small, row_shape, dtype)
             if why is not None:
                 todo.append(i)
                 if why:

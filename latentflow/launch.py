@@ -54,6 +54,10 @@ def launch(launcher_args: Sequence[str], script_args: Sequence[str]) -> int:
         if n is None:
             n = str(max(1, torch.cuda.device_count()))
             launcher_args += ["--num_processes", n]
+        if not n.isdigit() or int(n) < 1:
+            from .errors import LatentflowError
+
+            raise LatentflowError(f"launch --num_processes {n!r}: give a whole number >= 1")
         if int(n) > 1:
             launcher_args.append("--multi_gpu")
         elif not any(a.startswith("--") and a.split("=")[0] not in ("--num_processes", "--mixed_precision")

@@ -20,6 +20,7 @@ or an export of an earlier release) as a pipeline, so ``sample``, ``evaluate`` a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -31,12 +32,12 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from .checkpoint import Source, load_checkpoint, resolve_source
-from .config import ExperimentConfig, config_from_dict, config_to_dict
+from .config import ExperimentConfig, config_from_file, config_to_dict
 from .errors import CheckpointError, LatentflowError
 from .models import create_model, model_from_config
 from .runtime import atomic_dir
 from .sampling import sample_images
-from .vae import FrozenVAE
+from .vae import FrozenVAE, explain_load_error
 
 __all__ = ["LatentFlowPipeline", "LatentFlowPipelineOutput", "load_pipeline", "pipeline_from_parts", "save_pipeline"]
 
@@ -81,8 +82,8 @@ class LatentFlowPipeline(DiffusionPipeline):
             latents_scale is not None and not np.allclose(latents_scale, scale, rtol=1e-5, atol=1e-6)
         ):
             raise CheckpointError(
-                "the pipeline's latent normalisation differs from its VAE's config "
-                f"(pipeline shift {latents_shift}, scale {latents_scale}; VAE {shift}, {scale}); re-export it"
+                "model_index.json's latent normalisation differs from vae/config.json's "
+                f"(shift {latents_shift}, scale {latents_scale}; the VAE's {shift}, {scale}); re-export it"
             )
         self.register_to_config(
             sigma_min=sigma_min, solver=solver, num_inference_steps=num_inference_steps,
@@ -158,7 +159,7 @@ class LatentFlowPipeline(DiffusionPipeline):
             raise LatentflowError(f"solver {solver!r} is not one of {', '.join(SOLVERS)}")
         steps = int(num_inference_steps or c.num_inference_steps)
         scale = float(c.guidance_scale if guidance_scale is None else guidance_scale)
-        if steps < 1 or scale < 0:
+        if steps < 1 or not math.isfinite(scale) or scale < 0:
             raise LatentflowError(f"num_inference_steps must be >= 1 and guidance_scale >= 0 (got {steps}, {scale})")
         if output_type not in ("pil", "np", "latent"):
             raise LatentflowError(f"output_type {output_type!r}: choose 'pil', 'np' or 'latent'")
@@ -209,6 +210,16 @@ def save_pipeline(pipe: LatentFlowPipeline, out: Path, cfg: ExperimentConfig, in
     return out
 
 
+def _read_json(path: Path, fix: str = "the export is damaged") -> dict:
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({str(exc).splitlines()[0][:80]}); {fix}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} is not a JSON object; {fix}")
+    return value
+
+
 def _check_finite(model, where: Path) -> None:
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise CheckpointError(
@@ -230,10 +241,7 @@ def _run_config(run_dir: Optional[Path], where: Path) -> ExperimentConfig:
     path = (run_dir / "config.yaml") if run_dir else None
     if path is None or not path.is_file():
         raise CheckpointError(f"{where}: its run's config.yaml is missing; pass the run directory or its export/")
-    try:
-        return config_from_dict(yaml.safe_load(path.read_text()))
-    except (OSError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"{path} is unreadable ({exc})") from None
+    return config_from_file(path, "run config")
 
 
 def _from_checkpoint(src: Source) -> tuple:
@@ -244,7 +252,8 @@ def _from_checkpoint(src: Source) -> tuple:
         model = model_from_config(state["model"]["class"], state["model"]["config"])
         model.load_state_dict(ckpt["ema"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{src.path}: its weights do not fit its recorded model ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{src.path}: its weights do not fit its recorded model ({explain_load_error(exc)}); "
+                              "the checkpoint is damaged, use an earlier one") from None
     _check_finite(model, src.path)
     vae = _load_vae(cfg, state["vae"].get("identity"), src.path)
     info = {"run": str(src.run_dir), "checkpoint": str(src.path), "step": state["step"], "epoch": state["epoch"]}
@@ -255,15 +264,15 @@ def _from_legacy_export(src: Source) -> tuple:
     """An export of format 1: EMA weights, config.yaml and export.json."""
     from safetensors.torch import load_file
 
-    info = json.loads((src.path / "export.json").read_text())
-    cfg = config_from_dict(yaml.safe_load((src.path / "config.yaml").read_text()))
+    info = _read_json(src.path / "export.json")
+    cfg = config_from_file(src.path / "config.yaml", "export config")
     vae = _load_vae(cfg, info.get("vae_identity"), src.path)
     c, h, _ = info.get("latent_shape") or vae.latent_shape(cfg.data.image_size)
     model = create_model(cfg.model.name, sample_size=h, in_channels=c, num_classes=info.get("num_classes", 10))
     try:
         model.load_state_dict(load_file(str(src.path / "model.safetensors")))
     except (RuntimeError, OSError) as exc:
-        raise CheckpointError(f"{src.path}: weights do not fit {cfg.model.name} ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{src.path}: weights do not fit {cfg.model.name} ({explain_load_error(exc)})") from None
     _check_finite(model, src.path)
     return pipeline_from_parts(model, vae, cfg), cfg, {"run": str(src.run_dir), "step": info.get("step"),
                                                       "epoch": info.get("epoch"), "converted_from": "format 1"}
@@ -277,14 +286,18 @@ def load_pipeline(path: Path, device=None, flag: str = "--checkpoint", with_info
         from diffusers.utils import logging as dlogging
 
         dlogging.disable_progress_bar()
+        fix = "re-export it with `python main.py export --checkpoint RUN --out DIR`"
+        _read_json(src.path / "model_index.json", fix)
         try:
             pipe = LatentFlowPipeline.from_pretrained(src.path)
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{src.path}: not a loadable pipeline ({str(exc).splitlines()[0][:200]})") from None
+        except LatentflowError as exc:
+            raise CheckpointError(f"{src.path}: {exc}") from None
+        except Exception as exc:  # diffusers' loaders raise OSError, ValueError, RuntimeError, ...
+            raise CheckpointError(f"{src.path} cannot be loaded: {explain_load_error(exc)}; {fix}") from None
         _check_finite(pipe.transformer, src.path)
         cfg_file, info_file = src.path / "experiment.yaml", src.path / "latentflow.json"
-        cfg = config_from_dict(yaml.safe_load(cfg_file.read_text())) if cfg_file.is_file() else None
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        cfg = config_from_file(cfg_file, "export's experiment") if cfg_file.is_file() else None
+        info = _read_json(info_file, fix) if info_file.is_file() else {}
     elif src.kind == "checkpoint":
         pipe, cfg, info = _from_checkpoint(src)
     else:
@@ -300,9 +313,14 @@ def load_pipeline(path: Path, device=None, flag: str = "--checkpoint", with_info
 
 def export(source: Path, out: Path, overwrite: bool = False) -> Path:
     """Write the pipeline of any complete checkpoint, run or export to ``out``."""
-    out = Path(out)
+    out, source = Path(out), Path(source)
     if out.exists() and not overwrite:
         raise LatentflowError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.exists() and not (out / "model_index.json").is_file():
+        raise LatentflowError(f"--out {out} exists and is not a pipeline directory; --overwrite only replaces an "
+                              "earlier export: choose another --out")
+    if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+        raise LatentflowError(f"--out {out} holds the source {source}; choose another --out")
     pipe, cfg, info = load_pipeline(source, with_info=True)
     if cfg is None:
         raise CheckpointError(f"{source} has no experiment.yaml; it cannot be re-exported")
@@ -368,8 +386,8 @@ def generate(
     c = pipe.config
     solver, steps = solver or c.solver, steps or c.num_inference_steps
     scale = c.guidance_scale if cfg_scale is None else cfg_scale
-    if scale < 0:
-        raise LatentflowError(f"--cfg-scale {scale}: must be >= 0 (1 = no guidance)")
+    if not math.isfinite(scale) or scale < 0:
+        raise LatentflowError(f"--cfg-scale {scale}: must be a finite number >= 0 (1 = no guidance)")
     chosen = parse_labels(labels, num_samples, pipe.num_classes)
     if out is None:
         out = default_output(source, "samples", f"{solver}-{steps}-cfg{scale:g}-n{num_samples}-seed{seed}.png")

@@ -516,7 +516,7 @@ def atomic_file(final: Path, what: str = "file", needed: Optional[int] = None,
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
-def check_output(out: Path, overwrite: bool, replace_shipped: bool = False) -> None:
+def check_output(out: Path, overwrite: bool, replace_shipped: bool = False, directory: bool = False) -> None:
     """Refuse to replace an existing file or fill a non-empty directory ``out`` without
     ``overwrite``, and to write into latentflow's shipped assets unless the maintainer
     command asks to (``replace_shipped``)."""
@@ -527,6 +527,8 @@ def check_output(out: Path, overwrite: bool, replace_shipped: bool = False) -> N
             f"{out} is one of the assets latentflow ships; write elsewhere (the default is under runs/), or regenerate "
             "it with the maintainer command `python experiments/maintainer/regenerate_assets.py`"
         )
+    if directory and out.exists() and not out.is_dir():
+        raise LatentflowError(f"{out} is a file; give a directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise LatentflowError(f"{out} already holds files; choose another --out or pass --overwrite")
 

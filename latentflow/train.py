@@ -36,6 +36,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from .checkpoint import (
+    check_output_dir,
     load_checkpoint,
     load_model_state,
     load_optimizer_state,
@@ -49,7 +50,7 @@ from .checkpoint import (
     save_checkpoint,
     set_aside_newer,
 )
-from .config import CONTINUABLE_FIELDS, ExperimentConfig, config_to_dict
+from .config import CONTINUABLE_FIELDS, ExperimentConfig, config_to_dict, read_yaml_mapping
 from .data import build_dataset
 from .ema import EMA
 from .errors import CheckpointError, DiskError, LatentflowError, PeerLost, TrainingDiverged
@@ -77,7 +78,7 @@ from .runtime import (
     write_text_atomic,
 )
 from .sampling import sample_images
-from .vae import FrozenVAE
+from .vae import FrozenVAE, explain_load_error
 
 __all__ = ["Interrupted", "Runtime", "TrainState", "drop_labels", "learning_rate", "train", "training_loss"]
 
@@ -132,11 +133,16 @@ class TrainState:
 
     @classmethod
     def from_state_dict(cls, values: dict, where: Path) -> "TrainState":
-        names = list(cls.__dataclass_fields__)
-        missing = [k for k in names if k not in values]
-        if missing:
-            raise CheckpointError(f"{where}: its train_state lacks {', '.join(missing)}; use an earlier checkpoint")
-        return cls(**{k: values[k] for k in names})
+        default = cls()
+        for name in cls.__dataclass_fields__:
+            if name not in values:
+                raise CheckpointError(f"{where}: its train_state lacks {name}; use an earlier checkpoint")
+            want = type(getattr(default, name))
+            ok = isinstance(values[name], (int, float) if want is float else want) and not isinstance(values[name], bool)
+            if not ok:
+                raise CheckpointError(f"{where}: train_state.{name} is {values[name]!r}, not a {want.__name__}; "
+                                      "the checkpoint is damaged, use an earlier one")
+        return cls(**{k: values[k] for k in cls.__dataclass_fields__})
 
 
 # --- the pieces of a step -------------------------------------------------------------------
@@ -353,16 +359,8 @@ def _resume(run: Run, ckpt_dir: Path) -> bool:
     cfg, acc = run.cfg, run.accelerator
     run_dir = ckpt_dir.parent.parent
 
-    def read_config() -> dict:
-        try:
-            saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise CheckpointError(f"cannot resume {run_dir}: its config.yaml is unreadable ({exc})") from None
-        if not isinstance(saved, dict):
-            raise CheckpointError(f"cannot resume {run_dir}: its config.yaml is not a mapping")
-        return saved
-
-    changes = _check_same_setup(on_main(acc, read_config), cfg, run_dir)
+    changes = _check_same_setup(on_main(acc, lambda: read_yaml_mapping(run_dir / "config.yaml", "run config")),
+                                cfg, run_dir)
     ckpt = load_checkpoint(ckpt_dir)
     state, facts = ckpt["state"], run.facts
     if state["model"]["class"] != facts["model"]["class"] or state["model"]["config"] != facts["model"]["config"]:
@@ -377,7 +375,7 @@ def _resume(run: Run, ckpt_dir: Path) -> bool:
                               f"{saved_data['fingerprint']}; now {facts['data']['rows']}, {facts['data']['fingerprint']}); "
                               "restore the data or start a new run")
     saved_world = ckpt["rng"].get("world_size")
-    if saved_world != acc.num_processes:
+    if saved_world != acc.num_processes or len(ckpt["rng"]["ranks"]) != acc.num_processes:
         raise CheckpointError(f"{ckpt_dir} was written by {saved_world} process(es); resume it with "
                               f"{saved_world} (--num_processes {saved_world}) to continue exactly")
     st = TrainState.from_state_dict(state["train_state"], ckpt_dir)
@@ -388,10 +386,16 @@ def _resume(run: Run, ckpt_dir: Path) -> bool:
     def restore(part: str, fn) -> None:
         try:
             fn()
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
-            raise CheckpointError(f"{ckpt_dir}: cannot restore the {part} ({str(exc).splitlines()[0][:200]})") from None
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{ckpt_dir}: cannot restore the {part} ({explain_load_error(exc)}); the checkpoint is damaged or "
+                "belongs to another model: resume from another checkpoint or start a new run"
+            ) from None
 
     restore("model weights", lambda: load_model_state(run.raw_model, ckpt["model"]))
+    if not all_finite(run.raw_model):
+        raise CheckpointError(f"{ckpt_dir} holds non-finite weights (its run had diverged); resume from an earlier "
+                              f"checkpoint in {ckpt_dir.parent}")
     restore("EMA weights", lambda: run.ema.load_state_dict(ckpt["ema"], state["ema_updates"]))
     restore("optimizer state", lambda: load_optimizer_state(run.raw_model, run.optimizer, ckpt["optimizer"]["optimizer"]))
     if acc.scaler is not None and ckpt["optimizer"].get("scaler"):
@@ -734,6 +738,7 @@ def train(cfg: ExperimentConfig, rt: Optional[Runtime] = None) -> Optional[Path]
     if is_launched():
         stop.watch_parent()  # also while setting up: a dead launcher ends a long encode
     base = run_base_name(cfg.name, rt.overrides)
+    check_output_dir(rt.output_dir)
     # Where, before anything is built: --resume decides the run and its precision.
     resume = resolve_resume(rt.resume, rt.output_dir, base) if rt.resume else None
     if rt.resume == "latest" and resume is None and os.environ.get("RANK", "0") == "0":

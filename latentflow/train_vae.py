@@ -101,7 +101,7 @@ def normalize_latents(vae, train_set) -> Tuple[List[float], List[float]]:
 
 def train_vae(args: VAETrainArgs, cpu: bool = False) -> dict:
     out = Path(args.out)
-    check_output(out, args.overwrite, args.replace_shipped)
+    check_output(out, args.overwrite, args.replace_shipped, directory=True)
     accelerator = Accelerator(cpu=cpu)
     if accelerator.num_processes > 1:
         raise LatentflowError("train-vae runs on one process; start it with `python main.py train-vae`")

@@ -25,7 +25,7 @@ import torch
 
 from .errors import LatentflowError
 
-__all__ = ["EMBEDDED_VAE", "FrozenVAE", "resolve_vae_path"]
+__all__ = ["EMBEDDED_VAE", "FrozenVAE", "explain_load_error", "resolve_vae_path"]
 
 EMBEDDED_VAE = Path(__file__).resolve().parent / "assets" / "mnist-vae"
 
@@ -52,18 +52,44 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def explain_load_error(exc: BaseException) -> str:
+    """The gist of a diffusers/torch loading error, in a few words (no advice meant for
+    other situations, such as diffusers' low_cpu_mem_usage hint)."""
+    import re
+
+    text = " ".join(str(exc).split())
+    for pattern, say in ((r"size mismatch for ([\w.]+)", "the shape of {} differs from what config.json builds"),
+                         (r"because ([\w.]+) expected shape", "the shape of {} differs from what config.json builds"),
+                         (r"[Mm]issing key\(s\) in state_dict: \"?([\w.]+)", "the weights lack {}"),
+                         (r"keys are missing:? \[?'?([\w.]+)", "the weights lack {}"),
+                         (r"[Uu]nexpected key\(s\) in state_dict: \"?([\w.]+)", "the weights hold an unknown tensor {}")):
+        m = re.search(pattern, text)
+        if m:
+            return say.format(m.group(1))
+    if "meta tensor" in text:
+        return "the weights lack tensors that config.json needs"
+    first = re.split(r"(?<=[.;])\s|Please |You can ", text)[0]
+    return f"{type(exc).__name__}: {first[:150]}"
+
+
 def _load_autoencoder(name: str, subfolder: Optional[str]):
     from diffusers import AutoencoderKL
 
     path = Path(resolve_vae_path(name)).expanduser()
     kwargs = {"subfolder": subfolder} if subfolder else {}
+    if path.exists() and not path.is_dir():
+        raise VAELoadError(f"vae.pretrained {path} is a file; give the directory that save_pretrained wrote")
     if path.is_dir():
+        if subfolder and not (path / subfolder).is_dir():
+            raise VAELoadError(f"{path} has no subfolder {subfolder!r}; fix vae.subfolder (or set it to null)")
+        if not ((path / (subfolder or "")) / "config.json").is_file():
+            raise VAELoadError(f"{path / (subfolder or '')} has no config.json; it needs config.json and "
+                               "diffusion_pytorch_model.safetensors (save_pretrained writes both)")
         try:
             return AutoencoderKL.from_pretrained(path, **kwargs)
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except Exception as exc:  # diffusers raises OSError, ValueError, RuntimeError, NotImplementedError ...
             raise VAELoadError(
-                f"{path} is not a diffusers AutoencoderKL directory ({str(exc).splitlines()[0]}); "
-                "it needs config.json and diffusion_pytorch_model.safetensors (save_pretrained writes both)"
+                f"VAE {path} cannot be loaded: {explain_load_error(exc)}; re-save it with save_pretrained"
             ) from None
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")
     if looks_like_path:
@@ -100,8 +126,12 @@ class FrozenVAE:
         self.latent_channels = int(config.latent_channels)
         per_channel = getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None
         if per_channel:  # (1, C, 1, 1) so that they broadcast over latents (B, C, h, w)
-            mean = torch.tensor(config.latents_mean, dtype=torch.float32).flatten()
-            std = torch.tensor(config.latents_std, dtype=torch.float32).flatten()
+            try:
+                mean = torch.tensor(config.latents_mean, dtype=torch.float32).flatten()
+                std = torch.tensor(config.latents_std, dtype=torch.float32).flatten()
+            except (TypeError, ValueError):
+                raise VAELoadError(f"VAE {name}: config latents_mean and latents_std must be lists of numbers, "
+                                   f"got {config.latents_mean!r} and {config.latents_std!r}") from None
             for key, values in (("latents_mean", mean), ("latents_std", std)):
                 if len(values) != self.latent_channels:
                     raise VAELoadError(

@@ -171,5 +171,17 @@ def test_truncated_idx_header(tmp_path):
 
 
 def test_an_image_size_that_cannot_fit_in_memory_is_refused():
+    from latentflow.data import _check_memory
+
+    with pytest.raises(DataError, match=r"under half of data.image_size=4096; set data.image_size to at most 56"):
+        build_dataset(DataConfig(image_size=4096, max_items=64), 1)
     with pytest.raises(DataError, match=r"data.image_size=4096 need about .* GB in memory"):
-        build_dataset(DataConfig(image_size=4096), 1)
+        _check_memory(60_000, 3, 4096, "x.npz")
+
+
+@pytest.mark.parametrize("shape,message", [((5, 2, 2), "images are 2x2 pixels, under half"),
+                                           ((5, 40, 200), "a square centre crop would keep only 20%")])
+def test_arrays_that_resizing_would_distort_are_refused(tmp_path, shape, message):
+    np.savez(tmp_path / "odd.npz", images=np.zeros(shape, np.uint8))
+    with pytest.raises(DataError, match=message):
+        build_dataset(DataConfig(source="npz", path=str(tmp_path / "odd.npz")), 1)

@@ -67,8 +67,26 @@ def test_missing_directory_and_unreachable_hub_fail_in_one_line(tmp_path):
     assert time.perf_counter() - start < 20
     (tmp_path / "notavae").mkdir()
     (tmp_path / "notavae" / "readme.txt").write_text("hi")
-    with pytest.raises(LatentflowError, match="not a diffusers AutoencoderKL directory"):
+    with pytest.raises(LatentflowError, match="notavae has no config.json; it needs config.json and"):
         FrozenVAE.from_pretrained(str(tmp_path / "notavae"))
+    with pytest.raises(LatentflowError, match="is a file; give the directory that save_pretrained wrote"):
+        FrozenVAE.from_pretrained(str(tmp_path / "notavae" / "readme.txt"))
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line(tmp_path):
+    """Another VAE's weights under this config.json: the mismatch named, not diffusers' advice."""
+    import json
+    import shutil
+
+    a, b = make_tiny_vae(tmp_path / "a"), make_tiny_vae(tmp_path / "b", channels=(8, 16, 16))
+    shutil.copy(b / "diffusion_pytorch_model.safetensors", a / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(LatentflowError) as info:
+        FrozenVAE.from_pretrained(str(a))
+    assert "cannot be loaded: the shape of" in str(info.value) and "low_cpu_mem_usage" not in str(info.value)
+    config = json.loads((b / "config.json").read_text())
+    with pytest.raises(LatentflowError, match="has no subfolder 'vae'"):
+        FrozenVAE.from_pretrained(str(b), subfolder="vae")
+    assert config["in_channels"] == 1
 
 
 def test_embedded_vae_reconstructs_held_out_digits():

@@ -111,6 +111,19 @@ def to_model_images(images: np.ndarray, image_size: int, channels: int, origin: 
 # --- entry point -----------------------------------------------------------------------------
 
 
+def _check_geometry(images: np.ndarray, size: int, origin: str) -> None:
+    """Refuse arrays that resizing would turn into something else than the data: images
+    under half the training size (2x2 blown up to 32x32) or of aspect ratio beyond 4:1 (the
+    centre crop would drop most of them)."""
+    h, w = images.shape[1:3]
+    if min(h, w) * 2 < size:
+        raise DataError(f"{origin}: images are {h}x{w} pixels, under half of data.image_size={size}; "
+                        f"set data.image_size to at most {2 * min(h, w)} or use larger images")
+    if max(h, w) > 4 * min(h, w):
+        raise DataError(f"{origin}: images are {h}x{w} pixels; a square centre crop would keep only "
+                        f"{min(h, w) / max(h, w):.0%} of each; crop or pad them first")
+
+
 def _check_memory(n: int, channels: int, size: int, origin: str) -> None:
     """Refuse an in-memory dataset that would not fit: resizing holds float32 copies."""
     needed = n * channels * size * size * 5  # uint8 result + a float32 working copy
@@ -147,6 +160,7 @@ def build_dataset(cfg: DataConfig, channels: int):
         origin = str(cfg.path)
     if cfg.max_items is not None:
         images, labels = images[: cfg.max_items], labels[: cfg.max_items]
+    _check_geometry(images, cfg.image_size, origin)
     _check_memory(len(images), channels, cfg.image_size, origin)
     x = to_model_images(images, cfg.image_size, channels, origin)
     return ImageDataset(x, torch.from_numpy(labels), num_classes, origin)

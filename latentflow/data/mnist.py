@@ -139,6 +139,8 @@ def download_mnist(
 
 
 def idx_mnist(root: Path, split: str, download: bool) -> Tuple[np.ndarray, np.ndarray]:
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data.path {root} is a file; give the directory that holds the MNIST IDX files")
     if download:
         download_mnist(root, split)
     if not root.is_dir():
@@ -150,6 +152,8 @@ def idx_mnist(root: Path, split: str, download: bool) -> Tuple[np.ndarray, np.nd
             raise DataError(f"{root} has no {base}[.gz]; set data.download=true to fetch it, or fix data.path")
         paths.append(p)
     images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if len(images) == 0:
+        raise DataError(f"{paths[0]} holds no images; download it again (data.download=true)")
     if images.ndim != 3:
         raise DataError(f"{paths[0]}: expected images of shape [N, H, W], got {images.shape}")
     if labels.ndim != 1 or len(labels) != len(images):

@@ -14,6 +14,8 @@ __all__ = ["load_npz"]
 
 def load_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, int]:
     """-> images uint8, labels int64 (zeros if absent), num_classes (0 if unlabelled)."""
+    if path.is_dir():
+        raise DataError(f"data.path {path} is a directory; give the .npz file (or set data.source=folder)")
     if not path.is_file():
         raise DataError(f"npz file {path} not found; check data.path")
     if not zipfile.is_zipfile(path):
@@ -21,7 +23,12 @@ def load_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, int]:
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except Exception as exc:  # zipfile, pickle and value errors all mean "not a usable npz"
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise DataError(f"{path}: holds Python objects (pickled) that are not loaded for safety; save plain "
+                            "arrays: numpy.savez(path, images=uint8 array, labels=integer array)") from None
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    except Exception as exc:  # zipfile and value errors all mean "not a usable npz"
         raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
     if "images" not in arrays:
         raise DataError(f"{path}: no array named 'images' (found: {', '.join(arrays) or 'none'})")
