@@ -93,10 +93,40 @@ def cmd_evaluate(args) -> None:
     from .evaluate import evaluate_model
 
     report = evaluate_model(args.checkpoint, num_samples=args.num_samples, solver=args.solver, steps=args.steps,
-                            cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size,
-                            unconditional=args.unconditional, inception=args.inception, out=args.out,
+                            cfg_scale=args.cfg_scale, guidance_interval=args.guidance_interval, seed=args.seed,
+                            batch_size=args.batch_size, unconditional=args.unconditional,
+                            feature_net_choice=args.feature_net, reference=args.reference, out=args.out,
                             overwrite=args.overwrite, device=_device(args))
     print(report["summary"])
+
+
+def _data_config(args):
+    """The data section of --config/--set, with --data key=value on top."""
+    import yaml
+
+    from .config import DataConfig, _build
+
+    cfg = _load(args)
+    values = {k: v for k, v in vars(cfg.data).items()}
+    for item in args.data:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise LatentflowError(f"--data {item!r} is not of the form key=value (e.g. --data split=test)")
+        values[key] = yaml.safe_load(raw)
+    data = _build(DataConfig, values, "data.")
+    data.validate()
+    return data, cfg
+
+
+def cmd_fd_stats(args) -> None:
+    from .checkpoint import new_run_dir
+    from .evaluate import fd_stats_command
+    from .vae import FrozenVAE
+
+    data, cfg = _data_config(args)
+    channels = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder).in_channels
+    out = args.out or new_run_dir(Path("runs"), "fd-stats") / f"{data.source}-{data.split}.npz"
+    print(fd_stats_command(data, out, args.num_images, args.feature_net, channels, args.overwrite))
 
 
 def cmd_export(args) -> None:
@@ -163,6 +193,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
 
 
+def _interval(text: str):
+    """'0.2,0.8' -> [0.2, 0.8]; 'none' -> [] (guide the whole path)."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI such as 0.1,0.8, or 'none'") from None
+    if not 0.0 <= lo < hi <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= LO < HI <= 1")
+    return [lo, hi]
+
+
 def _sub(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,11 +262,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "evaluate", "FD and class accuracy of samples against real digits",
              "python main.py evaluate --checkpoint runs/default-20261123-101500 --num-samples 5000")
     _add_sampling_args(p, num_samples=5000)
+    p.add_argument("--guidance-interval", type=_interval, default=None, metavar="LO,HI",
+                   help="guide only for t in [LO, HI]; 'none' guides the whole path (default: the model's)")
     p.add_argument("--unconditional", action="store_true", help="sample without labels (FD only)")
-    p.add_argument("--inception", action="store_true", help="also Inception FID (needs its weights locally)")
+    p.add_argument("--feature-net", choices=("auto", "digits", "inception"), default="auto",
+                   help="feature space of FD: the shipped digit classifier for MNIST, Inception where its weights "
+                        "are local (default: auto)")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="an FD statistics file (python main.py fd-stats) instead of the run data's train and "
+                        "held-out references")
     p.add_argument("--out", type=Path, default=None, help="JSON report path (default: RUN/eval/<settings>.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out report")
     p.set_defaults(func=cmd_evaluate)
+
+    p = _sub(sub, "fd-stats", "reference statistics (mean, covariance of features) of a dataset for evaluate",
+             "python main.py fd-stats --data split=train --out runs/mnist-train.npz")
+    _add_experiment_args(p)
+    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                   help="data settings on top of the experiment's, e.g. --data split=test (default: the "
+                        "experiment's data)")
+    p.add_argument("--num-images", type=int, default=None, help="use the first N images (default: all)")
+    p.add_argument("--feature-net", choices=("auto", "digits", "inception"), default="auto",
+                   help="feature space (default: auto, as evaluate picks it)")
+    p.add_argument("--out", type=Path, default=None, help="the .npz to write (default: runs/fd-stats-<time>/...)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_fd_stats)
 
     p = _sub(sub, "export", "write a LatentFlowPipeline directory from any checkpoint, run or export",
              "python main.py export --checkpoint runs/default-20261123-101500/checkpoints/step_00001400 --out my-pipe")

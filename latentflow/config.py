@@ -116,6 +116,8 @@ class ModelConfig:
     class_dropout: float = 0.1
     """Probability of replacing a label by the null label in training (classifier-free
     guidance needs it; 0 trains a purely conditional model)."""
+    unconditional: bool = False
+    """Ignore the data's labels: a model of p(x), sampled without labels or guidance."""
 
     def validate(self) -> None:
         from .models import MODELS
@@ -135,10 +137,15 @@ class FlowConfig:
     """Mean of the logit-normal time sampler."""
     logit_std: float = 1.0
     """Standard deviation of the logit-normal time sampler."""
+    t_max: float = 1.0
+    """Training times lie in [0, t_max): stratified ones modulo t_max (the seed: 1 - 1e-5),
+    the others scaled by it."""
 
     def validate(self) -> None:
         if not 0.0 <= self.sigma_min < 1.0:
             raise ConfigError(f"flow.sigma_min must lie in [0, 1), got {self.sigma_min}")
+        if not 0.5 <= self.t_max <= 1.0:
+            raise ConfigError(f"flow.t_max must lie in [0.5, 1], got {self.t_max}")
         _choice("flow.time_sampler", self.time_sampler, ("stratified", "uniform", "logit_normal"))
         _positive("flow.logit_std", self.logit_std)
 
@@ -185,6 +192,10 @@ class TrainConfig:
     """Batch size per process (the global batch is this x processes x grad_accum)."""
     lr: float = 1e-3
     """Peak AdamW learning rate, reached after warmup_steps."""
+    lr_schedule: str = "constant"
+    """After warmup: 'constant', or 'cosine' decay to lr x min_lr_ratio at the last step."""
+    min_lr_ratio: float = 0.1
+    """Where the cosine schedule ends, as a fraction of lr."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 50
@@ -207,6 +218,12 @@ class TrainConfig:
     """torch.compile the model (in place; checkpoints load with or without it)."""
     grad_checkpointing: bool = False
     """Recompute each DiT block in the backward pass: less memory, ~30 % more compute."""
+    eval_every: int = 0
+    """Every N epochs (and at the last), FD and class accuracy of eval_samples EMA samples at
+    the run's sampler settings, logged and plotted (0: off). Needs a feature net that fits
+    the data (see evaluate)."""
+    eval_samples: int = 1000
+    """Samples per evaluation during training."""
     log_with: str = "tensorboard"
     """Tracker for losses, rates and grids: 'tensorboard' (in RUN/tensorboard), 'wandb' or 'none'."""
     keep_checkpoints: int = 2
@@ -223,6 +240,11 @@ class TrainConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
         _choice("train.log_with", self.log_with, ("tensorboard", "wandb", "none"))
+        _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _unit_interval("train.min_lr_ratio", self.min_lr_ratio)
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be >= 0, got {self.eval_every}")
+        _positive("train.eval_samples", self.eval_samples)
 
 
 # Fields that may differ when a run is continued, and that do not name a run: they extend or
@@ -230,7 +252,7 @@ class TrainConfig:
 # refuse the run.
 CONTINUABLE_FIELDS = (
     "train.epochs", "train.log_every", "train.max_nonfinite", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.log_with", "train.compile", "train.grad_checkpointing",
+    "train.log_with", "train.compile", "train.grad_checkpointing", "train.eval_every", "train.eval_samples",
     "data.decode_workers", "vae.encode_batch_size", "vae.cache_shard_size",
 )
 

@@ -17,6 +17,7 @@ __all__ = [
     "save_loss_by_time",
     "save_loss_curve",
     "save_reconstruction_figure",
+    "save_eval_curve",
     "save_trajectory",
 ]
 
@@ -144,6 +145,45 @@ def save_trajectory(frames: Sequence[np.ndarray], times: Sequence[float], path: 
                 ax.set_title(f"t = {t:.2f}", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def save_eval_curve(log_file: Path, path: Path, title: Optional[str] = None) -> Path:
+    """FD (with its bootstrap spread and the floor) and class accuracy over training, from the
+    'eval' records of a run's log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(l) for l in Path(log_file).read_text().splitlines() if '"eval"' in l]
+    records = [r for r in records if r.get("event") == "eval"]
+    if not records:
+        return path
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=120)
+    epochs = [r["epoch"] for r in records]
+    for name in records[-1]["references"]:
+        fd = [r["references"][name]["fd"] for r in records]
+        sd = [r["references"][name]["fd_std"] for r in records]
+        axes[0].errorbar(epochs, fd, yerr=sd, marker="o", ms=3, capsize=2, label=f"FD to {name}")
+        floor = records[-1]["references"][name].get("floor")
+        if floor:
+            axes[0].axhline(floor["fd"], ls="--", lw=1, color=axes[0].lines[-1].get_color(),
+                            label=f"floor ({name}, {floor['n']} real)")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("FD")
+    if "accuracy" in records[-1]:
+        axes[1].plot(epochs, [100 * r["accuracy"] for r in records], "o-", ms=3)
+    axes[1].set_ylabel("class accuracy (%)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

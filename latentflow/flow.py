@@ -71,12 +71,13 @@ def cfm_loss(
     return (v_t.float() - u_t.float()).pow(2).flatten(1).mean(dim=1)  # (B,)
 
 
-def _stratified(batch: int, generator: Optional[torch.Generator], device) -> torch.Tensor:
+def _stratified(batch: int, generator: Optional[torch.Generator], device, t_max: float = 1.0) -> torch.Tensor:
     # One uniform offset shared by a batch of evenly spaced times: every batch covers
     # [0, 1) evenly, which lowers the variance of the loss estimate (Kingma et al. 2021,
-    # "Variational Diffusion Models", appendix I.1). This is the seed's sampler.
+    # "Variational Diffusion Models", appendix I.1). This is the seed's sampler, which takes
+    # the times modulo 1 - 1e-5 (t_max) so that none is 1.
     u = torch.rand(1, generator=generator, device=device)
-    return (u + torch.arange(batch, device=device) / batch) % 1.0
+    return (u + torch.arange(batch, device=device) / batch) % t_max
 
 
 def _uniform(batch: int, generator: Optional[torch.Generator], device) -> torch.Tensor:
@@ -107,10 +108,16 @@ def sample_time(
     generator: Optional[torch.Generator] = None,
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
+    t_max: float = 1.0,
 ) -> torch.Tensor:
-    """Training times in [0, 1), shape (B,), drawn by ``scheme`` (a key of TIME_SAMPLERS)."""
+    """Training times in [0, t_max), shape (B,), drawn by ``scheme`` (a key of TIME_SAMPLERS):
+    stratified times are taken modulo ``t_max``, the others scaled by it."""
     if scheme not in TIME_SAMPLERS:
         raise ValueError(f"unknown time sampler {scheme!r}; choose one of {sorted(TIME_SAMPLERS)}")
+    if scheme == "stratified":
+        return _stratified(batch, generator, device, t_max)
     if scheme == "logit_normal":
-        return _logit_normal(batch, generator, device, logit_mean, logit_std)
-    return TIME_SAMPLERS[scheme](batch, generator, device)
+        t = _logit_normal(batch, generator, device, logit_mean, logit_std)
+    else:
+        t = _uniform(batch, generator, device)
+    return t if t_max == 1.0 else t * t_max

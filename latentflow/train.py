@@ -148,9 +148,14 @@ class TrainState:
 # --- the pieces of a step -------------------------------------------------------------------
 
 
-def learning_rate(cfg, step: int) -> float:
-    """Linear warmup over ``warmup_steps``, then constant; a pure function of the step."""
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+def learning_rate(cfg, step: int, total_steps: int) -> float:
+    """Linear warmup over ``warmup_steps``, then constant or a cosine decay to
+    ``lr x min_lr_ratio`` at ``total_steps``; a pure function of the step."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.lr_schedule == "constant" or step < cfg.warmup_steps:
+        return cfg.lr * warm
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def drop_labels(labels: torch.Tensor, prob: float, null_label: int, generator: Optional[torch.Generator] = None):
@@ -166,7 +171,7 @@ def training_loss(model, x1, labels, flow, class_dropout: float, null_label: int
     noise, times and label dropout from ``generator``. Shared by ``train`` and the benchmark."""
     x0 = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)  # (B, c, h, w) noise
     t = sample_time(x1.shape[0], flow.time_sampler, device=x1.device, generator=generator,
-                    logit_mean=flow.logit_mean, logit_std=flow.logit_std)  # (B,)
+                    logit_mean=flow.logit_mean, logit_std=flow.logit_std, t_max=flow.t_max)  # (B,)
     y = drop_labels(labels, class_dropout, null_label, generator)
     return cfm_loss(model, x0, x1, t, flow.sigma_min, y=y), t
 
@@ -205,6 +210,7 @@ class Run:
     grid_labels: Optional[List[int]]
     stop: StopRequest
     faults: dict
+    evaluator: Optional[dict] = None  # the main process's feature net and references (train.eval_every)
     state: TrainState = field(default_factory=TrainState)
     last_checkpoint: Optional[Path] = None
 
@@ -296,9 +302,10 @@ def setup(cfg: ExperimentConfig, rt: Runtime, accelerator, stop: StopRequest, lo
     latent_shape = vae.latent_shape(cfg.data.image_size)  # (c, h, w)
     dataset = build_dataset(cfg.data, channels=vae.in_channels)
     set_seed(cfg.train.seed)  # identical initial weights on every rank, before anything else draws
+    num_classes = 0 if cfg.model.unconditional else dataset.num_classes
     try:
         model = create_model(cfg.model.name, sample_size=latent_shape[1], in_channels=latent_shape[0],
-                             num_classes=dataset.num_classes)
+                             num_classes=num_classes)
     except ValueError as exc:
         raise LatentflowError(f"model.name {cfg.model.name}: {exc}") from None
     progress = (lambda it: tqdm(it, desc="encode", leave=False)) if is_main and sys.stderr.isatty() else None
@@ -319,7 +326,8 @@ def setup(cfg: ExperimentConfig, rt: Runtime, accelerator, stop: StopRequest, lo
     facts = {
         "model": {"class": type(raw_model).__name__, "preset": cfg.model.name,
                   "config": {k: v for k, v in raw_model.config.items() if not k.startswith("_")}},
-        "num_classes": dataset.num_classes, "class_names": getattr(dataset, "class_names", None) or None,
+        "num_classes": num_classes,
+        "class_names": (getattr(dataset, "class_names", None) or None) if num_classes else None,
         "latent_shape": list(latent_shape), "vae": {"name": cfg.vae.pretrained, "identity": vae.identity},
         "data": {"fingerprint": dataset.fingerprint(), "rows": len(cache),
                  "iterations_per_epoch": batches.iterations_per_epoch},
@@ -329,7 +337,7 @@ def setup(cfg: ExperimentConfig, rt: Runtime, accelerator, stop: StopRequest, lo
     run = Run(cfg=cfg, rt=rt, accelerator=accelerator, vae=vae, model=model, raw_model=raw_model, ema=ema,
               optimizer=optimizer, batches=batches, rng=RankRNG(cfg.train.seed, accelerator.process_index, device),
               run_dir=run_dir, facts=facts, stop=stop, faults=faults(),
-              grid_labels=class_grid_labels(min(dataset.num_classes, GRID_MAX_CLASSES), cfg.sampler.grid_per_class))
+              grid_labels=class_grid_labels(min(num_classes, GRID_MAX_CLASSES), cfg.sampler.grid_per_class))
 
     if resume is None:
         def start() -> None:
@@ -343,6 +351,8 @@ def setup(cfg: ExperimentConfig, rt: Runtime, accelerator, stop: StopRequest, lo
         on_main(accelerator, start)
     elif not _resume(run, resume[1]):
         return None
+    if cfg.train.eval_every:
+        run.evaluator = on_main(accelerator, lambda: _evaluator(cfg, vae.in_channels, rt.cache_dir))
     start_trackers(accelerator, run_dir, config_to_dict(cfg), run.state.step if resume else None)
     n_params = sum(p.numel() for p in raw_model.parameters())
     run.say(
@@ -351,6 +361,17 @@ def setup(cfg: ExperimentConfig, rt: Runtime, accelerator, stop: StopRequest, lo
         f"mixed precision {accelerator.mixed_precision}  |  cache {cache_root.name}"
     )
     return run
+
+
+def _evaluator(cfg: ExperimentConfig, channels: int, cache_dir: Optional[Path]) -> dict:
+    """The feature net and references for ``train.eval_every`` (built once, at the start)."""
+    from .evaluate import feature_net, references_for_run
+
+    try:
+        net = feature_net("auto", cfg.data, channels, cfg.data.image_size)
+    except LatentflowError as exc:
+        raise LatentflowError(f"train.eval_every={cfg.train.eval_every}: {exc}; or set train.eval_every=0") from None
+    return {"net": net, "references": references_for_run(cfg.data, net, channels, cache_dir=cache_dir)}
 
 
 def _resume(run: Run, ckpt_dir: Path) -> bool:
@@ -501,6 +522,8 @@ def train_step(run: Run, epoch: int, iteration: int) -> StepResult:
         with acc.accumulate(model):
             z = mean + std * torch.randn(std.shape, device=device, generator=gen)  # a fresh posterior sample
             x1 = run.vae.scale(z)  # (B, c, h, w) data end of the path
+            if cfg.model.unconditional:
+                labels = torch.full_like(labels, run.raw_model.null_label)  # p(x): every label is "none"
             per_sample, t = training_loss(model, x1, labels, cfg.flow, cfg.model.class_dropout,
                                           run.raw_model.null_label, gen)
             loss = per_sample.mean() * (float("inf") if inject else 1.0)
@@ -557,7 +580,7 @@ def train_one_epoch(run: Run, epoch: int) -> EpochStats:
     bar = tqdm(total=n, initial=st.iteration, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not tty, leave=False)
     for iteration in range(st.iteration, n):
         for group in run.optimizer.param_groups:
-            group["lr"] = learning_rate(cfg.train, st.step)
+            group["lr"] = learning_rate(cfg.train, st.step, cfg.train.epochs * n)
         result = train_step(run, epoch, iteration)
         st.iteration, stats.steps_run = iteration + 1, stats.steps_run + 1
         if result.skipped:
@@ -687,6 +710,9 @@ def end_of_epoch(run: Run, epoch: int, stats: EpochStats, seconds: float) -> Non
         loss_text = f"loss {epoch_loss:.4f}" if epoch_loss is not None else f"loss n/a (all {steps} steps skipped: non-finite)"
         run.say(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  {loss_text}  {seconds:6.1f} s  "
                 f"{images_per_s:7.0f} img/s  -> {figure.parent.name}/{figure.name}")
+        every = cfg.train.eval_every
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs):
+            evaluate_during_training(run, epoch)
 
     on_main(acc, write)
     new_epoch = EpochStats(run)  # the next epoch's sums (zero); the log window carries over
@@ -694,6 +720,34 @@ def end_of_epoch(run: Run, epoch: int, stats: EpochStats, seconds: float) -> Non
     new_epoch.window_steps, new_epoch.window_ran, new_epoch.window_start = (
         stats.window_steps, stats.window_ran, stats.window_start)
     save(run, new_epoch)
+
+
+def evaluate_during_training(run: Run, epoch: int) -> None:
+    """FD and accuracy of ``train.eval_samples`` EMA samples at the run's sampler settings
+    (main process only): logged, sent to the tracker, and plotted in figures/eval.png."""
+    from .evaluate import evaluate_images, summary_line
+    from .figures import save_eval_curve
+
+    cfg, st = run.cfg, run.state
+    start = time.perf_counter()
+    n, k = cfg.train.eval_samples, run.facts["num_classes"]
+    labels = [i % k for i in range(n)] if k else None
+    samples = sample_images(
+        run.ema.model, run.vae, run.facts["latent_shape"], labels, n, solver=cfg.sampler.solver,
+        steps=cfg.sampler.steps, cfg_scale=cfg.sampler.cfg_scale if k else 0.0,
+        guidance_interval=cfg.sampler.guidance_interval, atol=cfg.sampler.atol, rtol=cfg.sampler.rtol,
+        seed=cfg.train.seed + 1,  # not the grid's noise
+    )
+    result = evaluate_images(samples.images, samples.labels, run.evaluator["net"], run.evaluator["references"])
+    seconds = time.perf_counter() - start
+    run.append_log({"event": "eval", "epoch": epoch + 1, "step": st.step, "seconds": seconds, **result})
+    scalars = {"eval/accuracy": result.get("accuracy")}
+    for name, r in result["references"].items():
+        scalars[f"eval/fd_{name}"] = r["fd"]
+        scalars[f"eval/ratio_to_floor_{name}"] = r.get("ratio")
+    run.accelerator.log({k: v for k, v in scalars.items() if v is not None}, step=st.step)
+    save_eval_curve(run.run_dir / "log.jsonl", run.run_dir / "figures" / "eval.png", title=f"{cfg.name}: evaluation")
+    run.say(f"  eval ({n} samples, {seconds:.0f} s): {summary_line(result)}")
 
 
 def finish(run: Run) -> Path:

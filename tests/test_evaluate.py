@@ -1,10 +1,24 @@
+import json
+
 import numpy as np
 import pytest
+import torch
 
-from latentflow.classifier import load_classifier
 from latentflow.config import DataConfig
 from latentflow.data import build_dataset
-from latentflow.evaluate import evaluate_images, frechet_distance
+from latentflow.errors import LatentflowError
+from latentflow.evaluate import (
+    DigitNet,
+    FDStats,
+    InceptionNet,
+    evaluate_images,
+    fd_with_spread,
+    feature_net,
+    frechet_distance,
+    matched_fd,
+    references_for_run,
+)
+from tests.conftest import run_main
 
 
 def test_frechet_distance_closed_forms():
@@ -17,42 +31,101 @@ def test_frechet_distance_closed_forms():
     assert frechet_distance(a, 2 * rng.normal(size=(20_000, 3))) == pytest.approx(3.0, rel=0.05)
 
 
+def test_spread_and_sample_size():
+    """The bootstrap spread shrinks with more samples; FD at a smaller size is larger (its
+    bias), which is why the floor is compared at its own size."""
+    rng = np.random.default_rng(1)
+    ref = FDStats.of(rng.normal(size=(50_000, 8)), "toy", "toy")
+    small, large = rng.normal(size=(500, 8)), rng.normal(size=(5000, 8))
+    (fd_s, sd_s), (fd_l, sd_l) = fd_with_spread(small, ref), fd_with_spread(large, ref)
+    assert sd_l < sd_s and fd_l < fd_s
+    matched = matched_fd(large, ref, 500)
+    assert matched["subsets"] == 10 and matched["std"] > 0 and matched["fd"] > 2 * fd_l  # 500 samples: more bias
+    assert abs(matched["fd"] - fd_s) < 3 * matched["std"]  # one set of 500 is one draw of that spread
+
+
+def test_stats_files_round_trip_and_bad_ones_are_one_line(tmp_path):
+    rng = np.random.default_rng(2)
+    stats = FDStats.of(rng.normal(size=(100, 4)), "digits@abc", "toy")
+    loaded = FDStats.load(stats.save(tmp_path / "ref.npz"))
+    assert np.array_equal(loaded.mu, stats.mu) and np.array_equal(loaded.sigma, stats.sigma)
+    assert (loaded.n, loaded.feature_net, loaded.description) == (100, "digits@abc", "toy")
+    np.savez(tmp_path / "other.npz", images=np.zeros(3))
+    with pytest.raises(LatentflowError, match="not an FD statistics file of latentflow; make one with"):
+        FDStats.load(tmp_path / "other.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(LatentflowError, match="not an FD statistics file"):
+        FDStats.load(tmp_path / "text.npz")
+
+
 @pytest.fixture(scope="module")
-def real_test_digits():
-    ds = build_dataset(DataConfig(split="test", max_items=200), channels=1)
-    return ds.images.permute(0, 2, 3, 1).numpy(), ds.labels.numpy()
+def digits():
+    return DigitNet()
 
 
-def test_shipped_classifier_judges_real_digits(real_test_digits):
-    images, labels = real_test_digits
-    classifier, info = load_classifier()
-    assert info["test_accuracy"] >= 0.97
-    result = evaluate_images(images, labels, classifier)
-    assert result["accuracy"] >= 0.95
-    # real held-out digits sit close to the reference; shuffled labels and noise do not
+def test_the_digit_net_tells_real_digits_from_noise_and_wrong_labels(digits):
+    refs = references_for_run(DataConfig(), digits, channels=1)
+    assert [r["name"] for r in refs] == ["train", "held-out"] and refs[0]["stats"].n == 4500
+    test = build_dataset(DataConfig(split="test", max_items=200), channels=1)
+    images, labels = test.images.permute(0, 2, 3, 1).numpy(), test.labels.numpy()
+    real = evaluate_images(images, labels, digits, refs[:1])
+    assert real["accuracy"] >= 0.95
+    assert evaluate_images(images, np.roll(labels, 1), digits, refs[:1])["accuracy"] < 0.2
     noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
-    assert evaluate_images(images, np.roll(labels, 1), classifier)["accuracy"] < 0.2
-    assert evaluate_images(noise, labels, classifier)["fd"] > 10 * result["fd"]
+    assert evaluate_images(noise, labels, digits, refs[:1])["references"]["train"]["fd"] > 10 * real["references"]["train"]["fd"]
+    floor = real["references"]["train"]
+    assert floor["floor"]["n"] == floor["matched"]["n"] == 200 and floor["fd_std"] > 0  # compared at equal size
+    assert floor["ratio"] < 1.6  # real held-out digits are as good as the held-out floor
+    unlabelled = evaluate_images(images, np.full_like(labels, -1), digits, refs[:1])
+    assert "accuracy" not in unlabelled
 
 
-def test_unlabelled_samples_get_fd_only(real_test_digits):
-    images, labels = real_test_digits
-    result = evaluate_images(images, np.full_like(labels, -1))
-    assert "accuracy" not in result and result["fd"] >= 0
+def test_a_feature_net_that_does_not_fit_the_data_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    faces = DataConfig(source="folder", path="faces", image_size=64)
+    with pytest.raises(LatentflowError, match=r"no feature net fits this data: the digit classifier knows only "
+                                              r"MNIST digits.*weights-inception-2015-12-05-6726825d.pth"):
+        feature_net("auto", faces, channels=3, image_size=64)
+    assert isinstance(feature_net("digits", faces), DigitNet)  # asked for by name: used anyway
+    assert isinstance(feature_net("auto", DataConfig()), DigitNet)
 
 
-def test_benchmark_runs_and_reports_sane_numbers(tmp_path):
-    """Not a timing test: the benchmark runs on tiny models and its numbers are consistent."""
-    import json
+def test_inception_features_are_used_when_their_weights_are_local(tmp_path, monkeypatch):
+    """A randomly initialised Inception-v3 saved where torch-fidelity's weights go stands in
+    for the real file (no download here): the loading code and the 2048-d features run."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    from latentflow.cli import main
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    (tmp_path / "dummy.pth").write_bytes(b"")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: {})
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+    random_net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(tmp_path / "dummy.pth"))
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    InceptionNet.weights_path().parent.mkdir(parents=True)
+    torch.save(random_net.state_dict(), InceptionNet.weights_path())
+    net = feature_net("auto", DataConfig(source="folder", path="faces", image_size=64), channels=3, image_size=64)
+    assert isinstance(net, InceptionNet) and net.identity.startswith("inception-v3@")
+    features, predictions = net.run(np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8))
+    assert features.shape == (3, 2048) and predictions is None
 
-    assert main(["bench", "--tiny", "--cpu", "--batches", "8,16", "--seed-batch", "8", "--window-seconds", "0.2",
-                 "--windows", "2", "--json", str(tmp_path / "b.json")]) == 0
-    report = json.loads((tmp_path / "b.json").read_text())
-    rows = {r["config"]: r for r in report["results"]}
-    assert list(rows)[0].startswith("(a) seed") and len(rows) >= 5
-    for r in rows.values():
-        assert r["images_per_s"] > 0 and 0 < r["fraction_of_peak"] < 5 and r["peak_memory_mb"] > 0
-        assert abs(r["dit_gflops_per_s"] - r["images_per_s"] * report["train_gflop_per_image"]) < 1e-6 * r["dit_gflops_per_s"] + 1e-9
-    assert report["matmul_peak_gflops"]["fp32"] > 0 and report["best"]["speedup_vs_seed"] > 0
+
+@pytest.mark.slow
+def test_evaluate_reports_both_references_with_floors_and_spreads(smoke_run, tmp_path):
+    _, run_dir, _ = smoke_run
+    proc = run_main("evaluate", "--checkpoint", run_dir / "export", "--num-samples", "1000", "--solver", "heun",
+                    "--steps", "2", "--cfg-scale", "2", "--guidance-interval", "0.1,0.9")
+    assert "train: FD" in proc.stdout and "floor" in proc.stdout and "accuracy" in proc.stdout
+    report = json.loads((run_dir / "eval" / "heun-2-cfg2-int0.1-0.9-n1000-seed0.json").read_text())
+    assert report["settings"]["nfe"] == 4 and report["settings"]["guidance_interval"] == [0.1, 0.9]
+    train, held = report["references"]["train"], report["references"]["held-out"]
+    assert train["reference_images"] == 64 and held["reference_images"] == 500  # smoke trains on 64 digits
+    assert train["matched"]["subsets"] == 2 and train["floor"]["n"] == 500 and train["floor"]["subsets"] == 1
+    assert train["ratio"] > 1  # a 2-epoch model is worse than real held-out digits
+    assert train["fd_std"] > 0 and train["floor"]["std"] > 0
+    stats = tmp_path / "ref.npz"
+    run_main("fd-stats", "--data", "split=test", "--out", stats)
+    against = run_main("evaluate", "--checkpoint", run_dir, "--num-samples", "200", "--reference", stats,
+                       "--out", tmp_path / "r.json")
+    assert "ref: FD" in against.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["references"]["ref"]["reference_images"] == 500

@@ -96,3 +96,15 @@ def test_logit_normal_concentrates_mid_path():
 def test_unknown_time_sampler():
     with pytest.raises(ValueError, match="unknown time sampler"):
         sample_time(4, "cosine")
+
+
+def test_times_stay_below_t_max():
+    from latentflow.flow import sample_time
+
+    g = torch.Generator().manual_seed(0)
+    for scheme in ("stratified", "uniform", "logit_normal"):
+        t = sample_time(4096, scheme, generator=g, t_max=1 - 1e-5)
+        assert t.shape == (4096,) and float(t.min()) >= 0 and float(t.max()) < 1 - 1e-5
+    strat = sample_time(8, "stratified", generator=torch.Generator().manual_seed(3), t_max=1 - 1e-5)
+    gaps = (strat.sort().values.diff() * 8).round()
+    assert torch.all(gaps == 1)  # evenly spaced, one per 1/B (modulo wrap-around)

@@ -299,3 +299,46 @@ def test_two_ranks_draw_different_noise_but_start_from_identical_weights():
     assert not torch.equal(eps0, eps1)
     assert not torch.equal(s0["x_t"], s1["x_t"]) and not torch.equal(s0["t"], s1["t"])
     assert not torch.equal(s0["y"] == 10, s1["y"] == 10)  # different label-dropout masks
+
+
+def test_learning_rate_schedules():
+    from latentflow.config import TrainConfig
+    from latentflow.train import learning_rate
+
+    constant = TrainConfig(lr=1e-3, warmup_steps=10)
+    assert learning_rate(constant, 0, 100) == pytest.approx(1e-4) and learning_rate(constant, 99, 100) == 1e-3
+    cosine = TrainConfig(lr=1e-3, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert learning_rate(cosine, 9, 100) == pytest.approx(1e-3)  # the end of warmup is the peak
+    assert learning_rate(cosine, 55, 100) == pytest.approx(0.55e-3)  # half way down: the mean of peak and floor
+    assert learning_rate(cosine, 100, 100) == pytest.approx(1e-4) and learning_rate(cosine, 500, 100) == pytest.approx(1e-4)
+
+
+@pytest.mark.slow
+def test_evaluation_during_training_is_logged_and_plotted(tmp_path):
+    proc = run_main("--config", SMOKE, "--set", "train.eval_every=1", "--set", "train.eval_samples=100",
+                    "--output-dir", tmp_path)
+    assert proc.stdout.count("eval (100 samples") == 2
+    run = the_run(tmp_path)
+    evals = log_records(run, "eval")
+    assert [e["epoch"] for e in evals] == [1, 2] and all("accuracy" in e for e in evals)
+    train = evals[-1]["references"]["train"]
+    assert train["fd"] > 0 and train["fd_std"] > 0 and train["floor"]["n"] == 100 and train["ratio"] > 0
+    assert (run / "figures" / "eval.png").is_file()
+
+
+@pytest.mark.slow
+def test_the_seed_reproduction_config_runs_with_a_tiny_rgb_vae(tmp_path):
+    """experiments/sd-vae-mnist.yaml as it is, with a tiny local 3-channel VAE in place of the
+    Hub one, a few digits, and DiT-Nano/2 for DiT-B/2 (whose checkpoints weigh 2 GB):
+    unconditional, stratified times below 1 - 1e-5, no EMA, dopri5."""
+    from tests.conftest import make_tiny_vae
+
+    vae = make_tiny_vae(tmp_path / "vae3", in_channels=3)
+    proc = run_main("--config", REPO / "experiments" / "sd-vae-mnist.yaml", "--mixed-precision", "no",
+                    "--set", f"vae.pretrained={vae}", "--set", "data.max_items=64", "--set", "train.epochs=1",
+                    "--set", "model.name=DiT-Nano/2", "--output-dir", tmp_path / "runs")
+    run = the_run(tmp_path / "runs", "sd-vae-mnist")
+    state = json.loads((latest_checkpoint(run) / "state.json").read_text())
+    assert state["num_classes"] == 0 and state["model"]["preset"] == "DiT-Nano/2" and state["step"] == 2
+    index = json.loads((run / "export" / "model_index.json").read_text())
+    assert index["solver"] == "dopri5" and "mixed precision no" in proc.stdout
