@@ -54,6 +54,13 @@ def cmd_encode(args) -> None:
     encode_experiment(_load(args), args.cache_dir, args.cpu, args.dist_timeout)
 
 
+def cmd_toy(args) -> None:
+    from .toy import toy
+
+    print(toy(args.data, args.out, steps=args.steps, particles=args.particles, frames=args.frames,
+              solver=args.solver, ode_steps=args.ode_steps, seed=args.seed)["summary"])
+
+
 def cmd_train_vae(args) -> None:
     from .checkpoint import new_run_dir
     from .train_vae import VAETrainArgs, train_vae
@@ -324,6 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="benchmark the CPU even if a GPU is present")
     p.set_defaults(func=cmd_bench)
 
+    p = _sub(sub, "toy", "the 2-D toy flow: an MLP velocity field on points, with a GIF of the flow",
+             "python main.py toy --data checkerboard --out runs/toy-checkerboard")
+    p.add_argument("--data", choices=("moons", "checkerboard", "8gaussians"), default="moons", help="2-D data (default moons)")
+    p.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
+    p.add_argument("--particles", type=int, default=2000, help="points to carry from noise to data (default 2000)")
+    p.add_argument("--frames", type=int, default=40, help="frames of the GIF (default 40)")
+    p.add_argument("--solver", choices=("euler", "midpoint", "heun", "rk4"), default="heun", help="ODE solver (default heun)")
+    p.add_argument("--ode-steps", type=int, default=40, help="solver steps (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/toy-<data>-<timestamp>)")
+    p.set_defaults(func=cmd_toy)
+
     p = _sub(sub, "train-vae", "train a small MNIST AutoencoderKL like the one latentflow ships",
              "python main.py train-vae --epochs 20")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/mnist-vae-<timestamp>)")
@@ -350,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Flag values that parse but cannot be used: (name, test, what it must be).
 _FLAG_RULES = [
     (("num_samples", "steps", "num_images", "epochs", "batch_size", "ncol", "windows", "seed_batch",
-      "max_items", "latent_size"), lambda v: v >= 1, "an integer >= 1"),
+      "max_items", "latent_size", "particles", "frames", "ode_steps"), lambda v: v >= 1, "an integer >= 1"),
     (("trajectory", "seed"), lambda v: v >= 0, "an integer >= 0"),
     (("dist_timeout", "lr", "window_seconds"), lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     (("cfg_scale", "kl_weight"), lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),

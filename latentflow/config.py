@@ -70,6 +70,9 @@ class DataConfig:
     """folder, with skip_bad_images: stop if more than this fraction of the files is bad."""
     decode_workers: int = 4
     """folder: DataLoader worker processes that decode images while encoding the cache."""
+    val_fraction: float = 0.0
+    """Hold out this fraction of the training data (a seeded subset) for the validation loss
+    and the best/ export; 0: none."""
 
     def validate(self) -> None:
         _choice("data.source", self.source, ("mnist", "npz", "folder"))
@@ -77,6 +80,8 @@ class DataConfig:
         _positive("data.image_size", self.image_size)
         _choice("data.background", self.background, ("white", "black", "gray"))
         _unit_interval("data.max_bad_fraction", self.max_bad_fraction)
+        if not 0.0 <= self.val_fraction <= 0.5:
+            raise ConfigError(f"data.val_fraction must lie in [0, 0.5], got {self.val_fraction}")
         if self.decode_workers < 0:
             raise ConfigError(f"data.decode_workers must be >= 0, got {self.decode_workers}")
         if self.source in ("npz", "folder") and not self.path:

@@ -60,18 +60,22 @@ def save_loss_curve(log_file: Path, path: Path, title: Optional[str] = None) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, losses, epoch_steps, epoch_losses = [], [], [], []
+    steps, losses, epoch_steps, epoch_losses, val = [], [], [], [], []
     for line in Path(log_file).read_text().splitlines():
         rec = json.loads(line)
         if rec.get("event") == "step":
             steps.append(rec["step"])
             losses.append(rec["loss"])
-        elif rec.get("event") == "epoch":
+        elif rec.get("event") == "epoch" and rec.get("loss") is not None:
             epoch_steps.append(rec["step"])
             epoch_losses.append(rec["loss"])
+            if rec.get("val_loss") is not None:
+                val.append((rec["step"], rec["val_loss"]))
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot(steps, losses, lw=0.8, alpha=0.6, label="loss (log interval)")
     ax.plot(epoch_steps, epoch_losses, "o-", ms=3, label="epoch mean")
+    if val:
+        ax.plot(*zip(*val), "s-", ms=3, label="validation (EMA, fixed t and noise)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("CFM loss")
     return _finish(fig, ax, path, title)

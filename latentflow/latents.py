@@ -57,6 +57,7 @@ from .errors import DataError, LatentflowError
 from .runtime import (
     STREAM_DATA,
     STREAM_FLIP,
+    STREAM_VALID,
     atomic_file,
     derive_seed,
     faults,
@@ -504,23 +505,29 @@ class LatentBatches:
     """
 
     def __init__(self, cache: LatentCache, batch_size: int, num_processes: int = 1, rank: int = 0,
-                 grad_accum: int = 1, seed: int = 0):
+                 grad_accum: int = 1, seed: int = 0, val_fraction: float = 0.0):
         self.cache, self.batch_size, self.num_processes, self.rank = cache, batch_size, num_processes, rank
         self.grad_accum, self.seed = grad_accum, seed
+        # With val_fraction, a seeded subset of the rows is held out for validation, never trained on.
+        held = torch.randperm(len(cache), generator=torch.Generator().manual_seed(derive_seed(seed, STREAM_VALID)))
+        n_val = int(round(len(cache) * val_fraction))
+        self.val_rows = held[:n_val].sort().values  # (V,)
+        self.rows = held[n_val:].sort().values  # (N - V,) the training rows
         self.global_batch = batch_size * num_processes
-        self.iterations_per_epoch = max(1, len(cache) // (self.global_batch * grad_accum))
+        self.iterations_per_epoch = max(1, len(self.rows) // (self.global_batch * grad_accum))
         self._epoch, self._perm = -1, None
 
     def permutation(self, epoch: int) -> torch.Tensor:
+        """The training rows in epoch ``epoch``'s order."""
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, STREAM_DATA, epoch))
-            self._epoch, self._perm = epoch, torch.randperm(len(self.cache), generator=gen)
+            self._epoch, self._perm = epoch, self.rows[torch.randperm(len(self.rows), generator=gen)]
         return self._perm
 
     def indices(self, epoch: int, iteration: int, micro: int = 0) -> torch.Tensor:
         """Cache rows (B,) of this rank's micro-batch ``micro`` of step ``iteration``."""
         start = ((iteration * self.grad_accum + micro) * self.num_processes + self.rank) * self.batch_size
-        positions = (start + torch.arange(self.batch_size)) % len(self.cache)
+        positions = (start + torch.arange(self.batch_size)) % len(self.rows)
         return self.permutation(epoch)[positions]
 
     def batch(self, epoch: int, iteration: int, micro: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

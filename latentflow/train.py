@@ -126,6 +126,8 @@ class TrainState:
     window_loss: float = 0.0  # this log interval so far
     window_grad: float = 0.0
     window_steps: int = 0
+    best_val: float = float("inf")  # the lowest validation loss so far (data.val_fraction)
+    best_epoch: int = 0
     log_bytes: int = 0  # length of log.jsonl when the checkpoint was written
 
     def state_dict(self) -> dict:
@@ -322,7 +324,7 @@ def setup(cfg: ExperimentConfig, rt: Runtime, accelerator, stop: StopRequest, lo
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     ema.track(raw_model)  # under FSDP, each rank averages its own shards
     batches = LatentBatches(cache, cfg.train.batch_size, accelerator.num_processes, accelerator.process_index,
-                            cfg.train.grad_accum, cfg.train.seed)
+                            cfg.train.grad_accum, cfg.train.seed, cfg.data.val_fraction)
     facts = {
         "model": {"class": type(raw_model).__name__, "preset": cfg.model.name,
                   "config": {k: v for k, v in raw_model.config.items() if not k.startswith("_")}},
@@ -640,6 +642,28 @@ def _log_interval(run: Run, stats: EpochStats, epoch: int, bar) -> None:
 # --- checkpoints, epoch ends and the end ----------------------------------------------------
 
 
+@torch.no_grad()
+def validation_loss(model, batches: LatentBatches, vae: FrozenVAE, flow, seed: int, chunk: int = 256) -> float:
+    """Mean CFM loss of ``model`` on the held-out rows at fixed times, noise and posterior
+    samples (one stream per chunk of rows, seeded by its position), so that the value depends
+    on the weights alone and compares across epochs and runs."""
+    from .runtime import STREAM_VALID, derive_seed
+
+    device = next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(batches.val_rows), chunk):
+        rows = batches.val_rows[start : start + chunk]
+        mean, std, labels = (t.to(device) for t in batches.cache.gather(rows))
+        g = torch.Generator().manual_seed(derive_seed(seed, STREAM_VALID, start))
+        eps, x0 = torch.randn(mean.shape, generator=g), torch.randn(mean.shape, generator=g)
+        t = torch.rand(len(rows), generator=g)
+        x1 = vae.scale(mean + std * eps.to(device))  # (B, c, h, w)
+        per_sample = cfm_loss(model, x0.to(device), x1, t.to(device), flow.sigma_min, y=labels)
+        total, count = total + float(per_sample.sum()), count + len(rows)
+    return total / max(count, 1)
+
+
 def save(run: Run, stats: EpochStats) -> Path:
     """Checkpoint the run (every rank takes part: RNG states and partial sums are gathered,
     and the full weights under FSDP). Non-finite weights are never saved: the run stops,
@@ -697,18 +721,32 @@ def end_of_epoch(run: Run, epoch: int, stats: EpochStats, seconds: float) -> Non
     st.loss_sum, st.loss_count = 0.0, 0
     st.bin_sum, st.bin_count = [0.0] * TIME_BINS, [0.0] * TIME_BINS
     run.ema.materialize()  # a collective under FSDP: before only the main process draws
+    val_loss = None
+    if len(run.batches.val_rows):
+        if run.cfg.model.unconditional:
+            raise LatentflowError("data.val_fraction with model.unconditional is not supported; set one of them off")
+        val_loss = validation_loss(run.ema.model, run.batches, run.vae, cfg.flow, cfg.train.seed)
+        improved = val_loss < st.best_val
+        if improved:
+            st.best_val, st.best_epoch = val_loss, epoch + 1
 
     def write() -> None:
         figure = run.run_dir / "figures" / f"epoch_{epoch + 1:03d}.png"
         grid = draw_grid(run, figure)
         run.append_log({"event": "epoch", "epoch": epoch + 1, "step": st.step, "loss": epoch_loss, "seconds": seconds,
                         "images_per_s": images_per_s, "good_steps": count // acc.num_processes,
-                        "nonfinite_steps": st.nonfinite_total, "loss_by_time": bins})
-        scalars = {"epoch/loss": epoch_loss, "epoch/images_per_s": images_per_s, "epoch/nonfinite_steps": st.nonfinite_total}
+                        "nonfinite_steps": st.nonfinite_total, "loss_by_time": bins, "val_loss": val_loss})
+        if val_loss is not None and st.best_epoch == epoch + 1:  # the best so far: keep it as best/
+            info = {"run": str(run.run_dir), "step": st.step, "epoch": epoch + 1, "val_loss": val_loss}
+            save_pipeline(pipeline_from_parts(run.ema.model, run.vae, cfg, run.facts["class_names"]),
+                          run.run_dir / "best", cfg, info)
+        scalars = {"epoch/loss": epoch_loss, "epoch/images_per_s": images_per_s, "epoch/nonfinite_steps": st.nonfinite_total,
+                   "epoch/val_loss": val_loss}
         acc.log({k: v for k, v in scalars.items() if v is not None}, step=st.step)
         log_image(acc, "grid", grid, st.step)
         loss_text = f"loss {epoch_loss:.4f}" if epoch_loss is not None else f"loss n/a (all {steps} steps skipped: non-finite)"
-        run.say(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  {loss_text}  {seconds:6.1f} s  "
+        val_text = "" if val_loss is None else f"  val {val_loss:.4f}{' (best)' if st.best_epoch == epoch + 1 else ''}"
+        run.say(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  {loss_text}{val_text}  {seconds:6.1f} s  "
                 f"{images_per_s:7.0f} img/s  -> {figure.parent.name}/{figure.name}")
         every = cfg.train.eval_every
         if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs):

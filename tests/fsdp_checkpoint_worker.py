@@ -67,7 +67,7 @@ def main(out: Path):
     if rank == 0:
         save_checkpoint(out / "run", 3, model=model_sd, ema=ema_sd, optimizer={"optimizer": opt_sd, "scaler": None},
                         rng={"world_size": 2, "ranks": []}, keep=2,
-                        state={"step": 3, "epoch": 0, "train_state": {}, "model": {}, "num_classes": 10,
+                        state={"step": 3, "epoch": 0, "train_state": {}, "model": {"class": "DiT", "config": {}}, "num_classes": 10,
                                "latent_shape": [4, 8, 8], "vae": {"identity": "none"}})
     found["rank0_has_state"] = bool(model_sd)
     dist.barrier()

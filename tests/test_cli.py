@@ -68,8 +68,10 @@ def test_evaluate_reports_fd_accuracy_and_settings(smoke_run):
     report = json.loads((run_dir / "eval" / "heun-2-cfg2-n40-seed0.json").read_text())
     assert report["settings"]["nfe"] == 4 and report["settings"]["num_samples"] == 40
     assert report["settings"]["cfg_scale"] == 2 and 0 <= report["accuracy"] <= 1
-    assert report["fd"] > report["real_fd"] > 0  # a 2-epoch model is worse than real digits
-    assert report["classifier_test_accuracy"] >= 0.97
+    train = report["references"]["train"]
+    assert train["fd"] > 0 and train["ratio"] > 1  # a 2-epoch model is worse than held-out real digits
+    assert set(report["references"]) == {"train", "held-out"}
+    assert report["feature_net_test_accuracy"] >= 0.97
 
 
 @pytest.mark.parametrize(
@@ -82,7 +84,7 @@ def test_evaluate_reports_fd_accuracy_and_settings(smoke_run):
         (["--set", "data.source=npz", "--set", "data.path=missing.npz"], "missing.npz not found"),
         (["--set", "vae.pretrained=./no-vae-here"], "VAE directory ./no-vae-here not found"),
         (["--set", "model.name=DiT-Nano/8", "--set", "data.image_size=48"], "patch size 8 does not divide the latent size 12"),
-        (["--set", "data.image_size=4096"], "need about"),
+        (["--set", "data.image_size=4096"], "set data.image_size to at most 56"),
         (["sample", "--checkpoint", "nowhere", "--out", "x.png"], "no such directory"),
         (["launch", "--num_processes", "1", "--", "--set", "train.lr=nan"], "train.lr must be a finite number"),
     ],

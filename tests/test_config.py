@@ -69,3 +69,23 @@ def test_bad_files(tmp_path):
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump({"train": {"epoch": 3}}))
     with pytest.raises(ConfigError, match=r"unknown key 'train.epoch'.*typo.yaml"):
         load_config(tmp_path / "typo.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_config_files_parse_and_name_real_options(path):
+    """Each shipped launch config loads with accelerate's own reader, every FSDP key is an
+    option `accelerate launch` knows, and the class it wraps exists in latentflow."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1 and config.num_machines >= 1
+    options = {a for action in launch_command_parser()._actions for a in action.option_strings}
+    for key, value in (config.fsdp_config or {}).items():
+        assert f"--{key}" in options, f"{path.name}: {key} is not an accelerate launch option"
+        if key == "fsdp_transformer_layer_cls_to_wrap":
+            from latentflow.models import dit
+
+            assert hasattr(dit, value)
+    if config.fsdp_config:
+        assert config.fsdp_config["fsdp_version"] == 2

@@ -342,3 +342,43 @@ def test_the_seed_reproduction_config_runs_with_a_tiny_rgb_vae(tmp_path):
     assert state["num_classes"] == 0 and state["model"]["preset"] == "DiT-Nano/2" and state["step"] == 2
     index = json.loads((run / "export" / "model_index.json").read_text())
     assert index["solver"] == "dopri5" and "mixed precision no" in proc.stdout
+
+
+def test_validation_loss_depends_on_the_weights_alone(tiny_vae_dir, tmp_path, accelerator):
+    from latentflow.config import DataConfig, FlowConfig
+    from latentflow.latents import LatentBatches, load_or_build_cache
+    from latentflow.models import create_model
+    from latentflow.train import validation_loss
+    from latentflow.vae import FrozenVAE
+
+    vae = FrozenVAE.from_pretrained(str(tiny_vae_dir))
+    from latentflow.data import build_dataset
+
+    cache, _ = load_or_build_cache(vae, build_dataset(DataConfig(max_items=80), 1), tmp_path, accelerator)
+    batches = LatentBatches(cache, batch_size=8, seed=0, val_fraction=0.25)
+    assert len(batches.val_rows) == 20 and not set(batches.val_rows.tolist()) & set(batches.rows.tolist())
+    assert set(batches.permutation(3).tolist()) == set(batches.rows.tolist())  # never trained on
+    torch.manual_seed(0)
+    model = create_model("DiT-Nano/2", sample_size=8, in_channels=4, num_classes=10)
+    first = validation_loss(model, batches, vae, FlowConfig(), seed=0)
+    torch.randn(100)  # the global generator moves on: no effect
+    assert validation_loss(model, batches, vae, FlowConfig(), seed=0) == first
+    with torch.no_grad():
+        model.final_layer.linear.bias.add_(0.5)  # the zero-initialised output layer: any change shows
+    assert validation_loss(model, batches, vae, FlowConfig(), seed=0) != first
+
+
+@pytest.mark.slow
+def test_the_best_export_follows_the_validation_loss_and_survives_a_resume(tmp_path):
+    args = ["--config", SMOKE, "--set", "data.max_items=128", "--set", "data.val_fraction=0.25",
+            "--set", "train.epochs=3", "--output-dir", tmp_path]
+    run_main(*args, env={"LATENTFLOW_FAULTS": "sigkill=12"}, check=False)  # killed in epoch 3
+    run = the_run(tmp_path)
+    run_main(*args, "--resume", "latest")
+    epochs = log_records(run, "epoch")
+    losses = [e["val_loss"] for e in epochs]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3] and all(v > 0 for v in losses)
+    best = json.loads((run / "best" / "latentflow.json").read_text())
+    assert best["epoch"] == 1 + losses.index(min(losses)) and best["val_loss"] == min(losses)
+    state = json.loads((latest_checkpoint(run) / "state.json").read_text())["train_state"]
+    assert state["best_val"] == min(losses) and state["best_epoch"] == best["epoch"]

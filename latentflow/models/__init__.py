@@ -52,4 +52,4 @@ def model_from_config(class_name: str, config: Dict[str, Any]) -> nn.Module:
     return MODEL_CLASSES[class_name].from_config(config)
 
 
-from . import dit  # noqa: E402,F401  (registers the DiT presets)
+from . import dit, unet  # noqa: E402,F401  (register the DiT and UNet presets)
