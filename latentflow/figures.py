@@ -13,6 +13,7 @@ from PIL import Image
 __all__ = [
     "class_grid_labels",
     "image_grid",
+    "new_figure",
     "save_grid",
     "save_loss_by_time",
     "save_loss_curve",
@@ -53,13 +54,21 @@ def save_reconstruction_figure(originals: np.ndarray, reconstructions: np.ndarra
     return save_grid(strip, path, ncol=len(originals), scale=scale)
 
 
+def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
+    """``(figure, axes)`` drawn by Agg without pyplot: no global backend is switched and no
+    figure stays open, so callers (a notebook's inline backend included) are left as they were.
+    ``kwargs`` go to ``Figure`` (figsize, dpi) and ``Figure.subplots`` (squeeze)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    squeeze = kwargs.pop("squeeze", True)
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+
 def save_loss_curve(log_file: Path, path: Path, title: Optional[str] = None) -> Path:
     """Training loss (per log interval) and per-epoch mean, from a run's log.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps, losses, epoch_steps, epoch_losses, val = [], [], [], [], []
     for line in Path(log_file).read_text().splitlines():
         rec = json.loads(line)
@@ -71,7 +80,7 @@ def save_loss_curve(log_file: Path, path: Path, title: Optional[str] = None) -> 
             epoch_losses.append(rec["loss"])
             if rec.get("val_loss") is not None:
                 val.append((rec["step"], rec["val_loss"]))
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    fig, ax = new_figure(figsize=(6, 3.5), dpi=120)
     ax.plot(steps, losses, lw=0.8, alpha=0.6, label="loss (log interval)")
     ax.plot(epoch_steps, epoch_losses, "o-", ms=3, label="epoch mean")
     if val:
@@ -83,8 +92,6 @@ def save_loss_curve(log_file: Path, path: Path, title: Optional[str] = None) -> 
 
 def _finish(fig, ax, path: Path, title: Optional[str], legend_size: Optional[int] = None) -> Path:
     """Log-scale y, grid, legend and title, then save and close."""
-    import matplotlib.pyplot as plt
-
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)
@@ -92,24 +99,20 @@ def _finish(fig, ax, path: Path, title: Optional[str], legend_size: Optional[int
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
 def save_loss_by_time(log_file: Path, path: Path, title: Optional[str] = None, max_curves: int = 6) -> Path:
     """Training loss per equal-width t bin (t = 0 noise, 1 data), for a few epochs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [json.loads(l) for l in Path(log_file).read_text().splitlines()]
     epochs = [e for e in epochs if e.get("event") == "epoch" and e.get("loss_by_time")]
     if not epochs:
         return path
     pick = sorted({round(i * (len(epochs) - 1) / max(1, max_curves - 1)) for i in range(max_curves)})
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    cmap = plt.get_cmap("viridis")
+    fig, ax = new_figure(figsize=(6, 3.5), dpi=120)
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
     for k, i in enumerate(pick):
         bins = epochs[i]["loss_by_time"]
         centers = [(j + 0.5) / len(bins) for j in range(len(bins))]
@@ -130,13 +133,8 @@ def save_trajectory(frames: Sequence[np.ndarray], times: Sequence[float], path: 
                     title: Optional[str] = None) -> Path:
     """Decoded x_t along the ODE path: one row per sample, one column per time (t = 0 noise
     on the left, t = 1 data on the right). ``frames``: uint8 (N, H, W, C) per time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows, cols = min(max_rows, len(frames[0])), len(frames)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols, 1.1 * rows + 0.4), dpi=100, squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(1.1 * cols, 1.1 * rows + 0.4), dpi=100, squeeze=False)
     for j, (frame, t) in enumerate(zip(frames, times)):
         for i in range(rows):
             ax = axes[i, j]
@@ -151,23 +149,17 @@ def save_trajectory(frames: Sequence[np.ndarray], times: Sequence[float], path: 
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, format="png")
-    plt.close(fig)
     return path
 
 
 def save_eval_curve(log_file: Path, path: Path, title: Optional[str] = None) -> Path:
     """FD (with its bootstrap spread and the floor) and class accuracy over training, from the
     'eval' records of a run's log.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records = [json.loads(l) for l in Path(log_file).read_text().splitlines() if '"eval"' in l]
     records = [r for r in records if r.get("event") == "eval"]
     if not records:
         return path
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=120)
+    fig, axes = new_figure(1, 2, figsize=(9, 3.4), dpi=120)
     epochs = [r["epoch"] for r in records]
     for name in records[-1]["references"]:
         fd = [r["references"][name]["fd"] for r in records]
@@ -190,5 +182,4 @@ def save_eval_curve(log_file: Path, path: Path, title: Optional[str] = None) -> 
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, format="png")
-    plt.close(fig)
     return path

@@ -477,7 +477,7 @@ def load_or_build_cache(
 def encode_experiment(cfg, cache_dir: Optional[Path] = None, cpu: bool = False, dist_timeout: float = 180.0) -> Path:
     """``python main.py encode``: build an experiment's latent cache (on every process of a
     launch) without training; returns the cache directory."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from .data import build_dataset
     from .runtime import make_accelerator

@@ -125,16 +125,13 @@ def _limits(data):
 
 
 def _gif(frames, times, data, path: Path, size: int = 3) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import new_figure
     from PIL import Image
 
     xlim, ylim = _limits(data)
     images = []
     for x, t in zip(frames, times):
-        fig, ax = plt.subplots(figsize=(size, size), dpi=80)
+        fig, ax = new_figure(figsize=(size, size), dpi=80)
         ax.scatter(x[:, 0], x[:, 1], s=2, c="tab:blue", alpha=0.6, linewidths=0)
         ax.set_xlim(*xlim)
         ax.set_ylim(*ylim)
@@ -144,21 +141,17 @@ def _gif(frames, times, data, path: Path, size: int = 3) -> None:
         fig.tight_layout()
         fig.canvas.draw()
         images.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]).convert("P", palette=Image.ADAPTIVE))
-        plt.close(fig)
     durations = [60] * (len(images) - 1) + [1200]  # linger on the data
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
 
 
 def _field(model, data, path: Path, times=(0.0, 0.33, 0.67, 1.0)) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import new_figure
 
     xlim, ylim = _limits(data)
     gx, gy = np.meshgrid(np.linspace(*xlim, 21), np.linspace(*ylim, 21))
     pts = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=torch.float32)
-    fig, axes = plt.subplots(1, len(times), figsize=(3 * len(times), 3), dpi=100)
+    fig, axes = new_figure(1, len(times), figsize=(3 * len(times), 3), dpi=100)
     for ax, t in zip(axes, times):
         with torch.no_grad():
             v = model(pts, torch.full((len(pts),), t)).numpy()
@@ -172,17 +165,13 @@ def _field(model, data, path: Path, times=(0.0, 0.33, 0.67, 1.0)) -> None:
         ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, format="png")
-    plt.close(fig)
 
 
 def _samples(samples, data, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import new_figure
 
     xlim, ylim = _limits(data)
-    fig, axes = plt.subplots(1, 2, figsize=(6, 3), dpi=100)
+    fig, axes = new_figure(1, 2, figsize=(6, 3), dpi=100)
     for ax, pts, name in ((axes[0], data, "data"), (axes[1], samples, title)):
         ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5, linewidths=0)
         ax.set_title(name, fontsize=9)
@@ -192,7 +181,6 @@ def _samples(samples, data, path: Path, title: str) -> None:
         ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, format="png")
-    plt.close(fig)
 
 
 # --- the command ------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import List, Optional, Sequence
 
 import torch
 import yaml
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .checkpoint import (
     check_output_dir,
