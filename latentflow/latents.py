@@ -25,7 +25,7 @@ that fails leaves an error marker, and every rank stops with its message.
 
 **Reading** is memory-mapped (numpy over the safetensors data), so resident memory does not
 grow with the dataset: a step gathers its rows from the mapped shards in one pass per shard,
-and the mapped pages are released to the page cache every ``RELEASE_EVERY`` gathers. A shard
+and drops the pages it mapped right after (they stay in the page cache, shared by the ranks). A shard
 that cannot be read, or whose rows no longer match the dataset, is encoded again, with a
 message saying why.
 
@@ -80,12 +80,12 @@ __all__ = [
 
 CACHE_FORMAT = "2"
 # name -> (torch dtype, numpy dtype the bytes are mapped as, safetensors dtype)
+FOLIO = 2 << 20  # the largest page-cache folio a read fault maps (a PMD); rows are unmapped in these
 CACHE_DTYPES = {
     "float32": (torch.float32, np.float32, "F32"),
     "bfloat16": (torch.bfloat16, np.int16, "BF16"),
     "float16": (torch.float16, np.float16, "F16"),
 }
-RELEASE_EVERY = 64  # gathers between dropping mapped pages (they stay in the page cache)
 
 
 def default_cache_dir() -> Path:
@@ -117,7 +117,10 @@ class Shard:
             raise ValueError("the file is shorter than its header says")
         self._file = open(self.path, "rb")
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(mmap, "MADV_RANDOM"):  # rows are read in random order: no readahead around each
+            self._map.madvise(mmap.MADV_RANDOM)
         self.moments = np.ndarray(self.shape, dtype=np_dtype, buffer=self._map, offset=base + start)
+        self._data_start, self._row_bytes = base + start, expected // max(1, self.shape[0])
 
         def small(name):
             i = header[name]
@@ -132,12 +135,21 @@ class Shard:
         return self.shape[0]
 
     def rows(self, local: np.ndarray) -> torch.Tensor:
-        """Moments of rows ``local`` as float32 (k, K, c, h, w): reads only their pages."""
+        """Moments of rows ``local`` as float32 (k, K, c, h, w): reads only their pages, then
+        unmaps what the reads mapped. A fault can map the whole page-cache folio around a
+        row (up to 2 MB on current kernels), so without this a process's resident memory
+        would grow toward the size of the cache; the pages stay in the page cache, shared
+        by the ranks."""
         out = torch.from_numpy(np.ascontiguousarray(self.moments[local]))
+        if hasattr(mmap, "MADV_DONTNEED"):
+            starts = self._data_start + np.asarray(local, np.int64) * self._row_bytes
+            for chunk in np.unique(starts // FOLIO):
+                offset = int(chunk) * FOLIO
+                self._map.madvise(mmap.MADV_DONTNEED, offset, min(2 * FOLIO, len(self._map) - offset))
         return out.view(self.torch_dtype).float() if self.torch_dtype != torch.float32 else out
 
     def release(self) -> None:
-        """Drop this process's mapping of the pages read so far (the kernel keeps them cached)."""
+        """Drop this process's mapping of every page of the shard (the kernel keeps them cached)."""
         if hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED)
 
@@ -153,7 +165,6 @@ class LatentCache:
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # first row of each shard
         self.has_flips = self.shards[0].shape[1] == 4
         self.bad_files: List[Tuple[str, str]] = []
-        self._gathers = 0
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -170,10 +181,6 @@ class LatentCache:
         for s in np.unique(shard_of):
             where = np.nonzero(shard_of == s)[0]
             out[torch.from_numpy(where)] = self.shards[s].rows(idx_np[where] - self.offsets[s])
-        self._gathers += 1
-        if self._gathers % RELEASE_EVERY == 0:
-            for shard in self.shards:
-                shard.release()
         return out
 
     def gather(self, idx: torch.Tensor, flip: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
