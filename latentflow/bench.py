@@ -40,13 +40,12 @@ __all__ = ["BenchSettings", "matmul_peak", "run_bench"]
 class BenchSettings:
     model: str = "DiT-B/2"
     latent_size: int = 4  # 4x4x4: MNIST 32 px through an SD-style VAE (8x downsampling)
-    image_size: int = 32
     seed_batch: int = 32
     batches: tuple = (32, 64, 128, 256)
     window_seconds: float = 2.0  # aim for windows of about this long
     windows: int = 3
     compile: bool = False
-    tiny: bool = False  # a seconds-long run for tests: DiT-Nano, a tiny VAE
+    tiny: bool = False  # a seconds-long run for tests: a tiny VAE, and DiT-Nano/2 unless a model is named
 
 
 def _sync(device: torch.device) -> None:
@@ -120,7 +119,7 @@ def _measure(step: Callable[[], None], batch: int, device: torch.device, s: Benc
 def run_bench(s: BenchSettings, device: Optional[torch.device] = None, log: Callable = print) -> Dict:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model_name = "DiT-Nano/2" if s.tiny else s.model
+    model_name = "DiT-Nano/2" if s.tiny and s.model == BenchSettings.model else s.model  # --model wins
     flow = FlowConfig()
     results: List[Dict] = []
 
@@ -170,7 +169,8 @@ def run_bench(s: BenchSettings, device: Optional[torch.device] = None, log: Call
     # (a) the seed's loop: encode every batch, sample the posterior, fp32
     vae = _seed_vae(s.tiny).to(device)
     scale = float(vae.config.scaling_factor)
-    images = torch.rand(s.seed_batch, 3, s.image_size, s.image_size, device=device) * 2 - 1
+    side = s.latent_size * 8  # the SD VAE downsamples 8x: images whose latents the DiT takes
+    images = torch.rand(s.seed_batch, 3, side, side, device=device) * 2 - 1
 
     def seed_step():
         with torch.no_grad():

@@ -197,7 +197,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line (``error: ...; see --help``) and exit status 2."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+        hint = ""
+        if message.startswith("unrecognized arguments"):  # often a config key given as a flag
+            hint = "; experiment settings go through --set, e.g. --set train.epochs=5"
+        self.exit(2, f"error: {self.prog}: {message}{hint}; see `{self.prog} --help`\n")
 
 
 def _interval(text: str):

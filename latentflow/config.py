@@ -392,7 +392,8 @@ def read_yaml_mapping(path: Path, what: str = "config file") -> Dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{what} {path} is not valid YAML{where}: {getattr(exc, 'problem', None) or 'parse error'}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: {getattr(exc, 'problem', None) or 'parse error'}; "
+                          "fix the YAML there") from None
     except OSError as exc:
         raise ConfigError(f"{what} {path} cannot be read ({exc.strerror})") from None
     if not isinstance(values, dict):

@@ -85,12 +85,18 @@ def _load_autoencoder(name: str, subfolder: Optional[str]):
         if not ((path / (subfolder or "")) / "config.json").is_file():
             raise VAELoadError(f"{path / (subfolder or '')} has no config.json; it needs config.json and "
                                "diffusion_pytorch_model.safetensors (save_pretrained writes both)")
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its report of a failed load would precede ours
         try:
             return AutoencoderKL.from_pretrained(path, **kwargs)
         except Exception as exc:  # diffusers raises OSError, ValueError, RuntimeError, NotImplementedError ...
             raise VAELoadError(
                 f"VAE {path} cannot be loaded: {explain_load_error(exc)}; re-save it with save_pretrained"
             ) from None
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")
     if looks_like_path:
         raise VAELoadError(f"VAE directory {name} not found; pass vae.pretrained=DIR (a diffusers save_pretrained folder)")
@@ -157,7 +163,15 @@ class FrozenVAE:
 
     @classmethod
     def from_pretrained(cls, name: str, subfolder: Optional[str] = None) -> "FrozenVAE":
-        return cls(_load_autoencoder(name, subfolder), name)
+        autoencoder = _load_autoencoder(name, subfolder)
+        # diffusers leaves weights that the file lacks on the meta device; say so here rather
+        # than fail later with "Cannot copy out of meta tensor"
+        missing = [k for k, t in (*autoencoder.named_parameters(), *autoencoder.named_buffers()) if t.is_meta]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise VAELoadError(f"VAE {name}: its weights file lacks {missing[0]}{more}; the file is incomplete or "
+                               "belongs to another architecture (save it again with save_pretrained)")
+        return cls(autoencoder, name)
 
     # --- facts ---------------------------------------------------------------------------
 

@@ -121,3 +121,32 @@ def test_sources_an_export_a_run_and_a_checkpoint(tmp_path):
         resolve_source(run / "config.yaml")
     with pytest.raises(CheckpointError, match="neither an export, a run directory nor a checkpoint"):
         resolve_source(tmp_path)
+
+
+@pytest.mark.parametrize("how", ["in place", "wrapper"])
+def test_a_compiled_models_state_loads_into_a_plain_model(how):
+    """`train.compile` compiles the module in place; saved state never carries
+    `_orig_mod.`, and a `torch.compile` wrapper's own state dict loads too."""
+    from latentflow.checkpoint import load_model_state, model_state
+    from latentflow.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("DiT-Nano/2", sample_size=8, in_channels=4, num_classes=10)
+    if how == "in place":
+        model.compile(backend="eager")
+        trained = model
+    else:
+        trained = torch.compile(model, backend="eager")
+    opt = torch.optim.AdamW(trained.parameters(), lr=1e-2)
+    x, t, y = torch.randn(4, 4, 8, 8), torch.rand(4), torch.randint(0, 10, (4,))
+    for _ in range(2):  # move every weight off its initial value
+        trained(x, t, y).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    state = model_state(trained)
+    assert not any("_orig_mod." in k for k in state)  # what checkpoints and exports hold
+    for saved in (state, trained.state_dict()):  # the wrapper's own state_dict has the prefix
+        plain = create_model("DiT-Nano/2", sample_size=8, in_channels=4, num_classes=10)
+        load_model_state(plain, saved)
+        with torch.no_grad():
+            assert torch.equal(plain(x, t, y), model(x, t, y))
