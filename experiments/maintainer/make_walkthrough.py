@@ -19,13 +19,19 @@ keeps of a digit, train a small velocity field for about a minute, sample with a
 classifier-free guidance, follow samples along the ODE path, and score them. Everything runs
 offline on a CPU with the bundled MNIST digits and the shipped VAE.
 
-Run it from a checkout: `jupyter lab experiments/walkthrough.ipynb`."""),
+Run it from a checkout: `jupyter lab experiments/walkthrough.ipynb` (with or without
+`pip install -e .`)."""),
     ("code", """%matplotlib inline
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notebook bars, without ipywidgets
+try:
+    import latentflow  # noqa: F401  installed (pip install -e .)
+except ModuleNotFoundError:  # a checkout without installing: the repository root is one folder up
+    sys.path.insert(0, str(Path.cwd().parent))
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
