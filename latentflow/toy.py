@@ -124,6 +124,15 @@ def _limits(data):
     return [min(lo[0], -3), max(hi[0], 3)], [min(lo[1], -3), max(hi[1], 3)]
 
 
+def _plane(ax, xlim, ylim, title: str) -> None:
+    """A bare panel of the plane: fixed limits, no ticks, a small title."""
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+
+
 def _gif(frames, times, data, path: Path, size: int = 3) -> None:
     from .figures import new_figure
     from PIL import Image
@@ -133,11 +142,7 @@ def _gif(frames, times, data, path: Path, size: int = 3) -> None:
     for x, t in zip(frames, times):
         fig, ax = new_figure(figsize=(size, size), dpi=80)
         ax.scatter(x[:, 0], x[:, 1], s=2, c="tab:blue", alpha=0.6, linewidths=0)
-        ax.set_xlim(*xlim)
-        ax.set_ylim(*ylim)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"t = {t:.2f}", fontsize=9)
+        _plane(ax, xlim, ylim, f"t = {t:.2f}")
         fig.tight_layout()
         fig.canvas.draw()
         images.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]).convert("P", palette=Image.ADAPTIVE))
@@ -158,11 +163,7 @@ def _field(model, data, path: Path, times=(0.0, 0.33, 0.67, 1.0)) -> None:
         speed = np.linalg.norm(v, axis=1)
         ax.scatter(data[:1500, 0], data[:1500, 1], s=1, c="0.8", linewidths=0)
         ax.quiver(gx.ravel(), gy.ravel(), v[:, 0], v[:, 1], speed, cmap="viridis", scale=None)
-        ax.set_title(f"v(x, t = {t:.2f})", fontsize=9)
-        ax.set_xlim(*xlim)
-        ax.set_ylim(*ylim)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _plane(ax, xlim, ylim, f"v(x, t = {t:.2f})")
     fig.tight_layout()
     fig.savefig(path, format="png")
 
@@ -174,11 +175,7 @@ def _samples(samples, data, path: Path, title: str) -> None:
     fig, axes = new_figure(1, 2, figsize=(6, 3), dpi=100)
     for ax, pts, name in ((axes[0], data, "data"), (axes[1], samples, title)):
         ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5, linewidths=0)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlim(*xlim)
-        ax.set_ylim(*ylim)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _plane(ax, xlim, ylim, name)
     fig.tight_layout()
     fig.savefig(path, format="png")
 
