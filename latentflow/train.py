@@ -80,7 +80,7 @@ from .runtime import (
 from .sampling import sample_images
 from .vae import FrozenVAE, explain_load_error
 
-__all__ = ["Interrupted", "Runtime", "TrainState", "drop_labels", "learning_rate", "train", "training_loss"]
+__all__ = ["Interrupted", "Runtime", "TrainState", "adamw", "drop_labels", "learning_rate", "train", "training_loss"]
 
 TIME_BINS = 10  # equal-width bins of t for the loss-by-time statistics
 GRID_MAX_CLASSES = 10  # rows of the per-epoch grid
@@ -176,6 +176,24 @@ def training_loss(model, x1, labels, flow, class_dropout: float, null_label: int
                     logit_mean=flow.logit_mean, logit_std=flow.logit_std, t_max=flow.t_max)  # (B,)
     y = drop_labels(labels, class_dropout, null_label, generator)
     return cfm_loss(model, x0, x1, t, flow.sigma_min, y=y), t
+
+
+def adamw(params, lr: float, weight_decay: float = 0.0, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW, by default with torch's fused kernel: one pass over each parameter instead of
+    the default implementation's dozen elementwise ones (6.7 -> 1.4 ms per step for the
+    default's 1.3 M parameters on a 2-core EPYC). The two round differently in the last bits,
+    so a checkpoint resumes with the implementation it was written with: its param groups
+    record it, and loading them restores it."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)
+
+
+def _fused_ok(accelerator) -> bool:
+    """Whether to use the fused AdamW kernel: on CPU and CUDA tensors, but not on FSDP's
+    DTensors, where this project has not verified it (no GPU run yet); those keep torch's
+    default."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.device.type in ("cpu", "cuda") and accelerator.distributed_type != DistributedType.FSDP
 
 
 def all_finite(model) -> bool:
@@ -319,7 +337,7 @@ def setup(cfg: ExperimentConfig, rt: Runtime, accelerator, stop: StopRequest, lo
         model.enable_gradient_checkpointing()  # recompute each DiT block in backward
     if cfg.train.compile:
         model.compile()  # in place: parameter names keep no "_orig_mod." prefix
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = adamw(model.parameters(), cfg.train.lr, cfg.train.weight_decay, fused=_fused_ok(accelerator))
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     ema.track(raw_model)  # under FSDP, each rank averages its own shards

