@@ -16,13 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from latentflow.config import load_config  # noqa: E402
-from latentflow.data import build_dataset  # noqa: E402
-from latentflow.latents import load_or_build_cache  # noqa: E402
-from latentflow.runtime import make_accelerator  # noqa: E402
-from latentflow.vae import FrozenVAE  # noqa: E402
+from latentflow.config import load_config
+from latentflow.data import build_dataset
+from latentflow.distributed import make_accelerator
+from latentflow.latents import load_or_build_cache
+from latentflow.vae import FrozenVAE
 
 
 def main() -> None:
@@ -36,8 +36,9 @@ def main() -> None:
         for dtype in ("float32", "bfloat16", "float16"):
             cfg = load_config(args.config, [*args.set, f"vae.cache_dtype={dtype}"])
             vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder)
-            cache, _ = load_or_build_cache(vae, build_dataset(cfg.data, vae.in_channels), Path(tmp), acc,
-                                           cfg.data, cfg.vae)
+            cache, _ = load_or_build_cache(
+                vae, build_dataset(cfg.data, vae.in_channels), Path(tmp), acc, cfg.data, cfg.vae
+            )
             moments[dtype] = cache.moments(torch.arange(len(cache)))  # (N, 2, c, h, w) float32
     ref = moments["float32"]
     eps = torch.randn(ref[:, 1].shape, generator=torch.Generator().manual_seed(0))
@@ -49,8 +50,10 @@ def main() -> None:
         rel = (m - ref).abs() / ref.abs().clamp_min(1e-30)
         z = vae.scale(m[:, 0] + m[:, 1] * eps)
         size = {"float32": "1", "bfloat16": "1/2", "float16": "1/2"}[dtype]
-        print(f"| {dtype} | {size} | {rel[:, 0].max():.2e} / {rel[:, 0].mean():.2e} | "
-              f"{rel[:, 1].max():.2e} / {rel[:, 1].mean():.2e} | {(z - z_ref).abs().max():.2e} |")
+        print(
+            f"| {dtype} | {size} | {rel[:, 0].max():.2e} / {rel[:, 0].mean():.2e} | "
+            f"{rel[:, 1].max():.2e} / {rel[:, 1].mean():.2e} | {(z - z_ref).abs().max():.2e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -18,15 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from latentflow.evaluate import evaluate_images, feature_net, references_for_run  # noqa: E402
-from latentflow.pipeline import load_pipeline  # noqa: E402
-from latentflow.sampling import sample_images  # noqa: E402
+from latentflow.evaluation import evaluate_images, feature_net, references_for_run
+from latentflow.pipeline import load_pipeline
 
 SOLVER_GRID = {
     "euler": [4, 8, 16, 32],
@@ -47,11 +46,13 @@ def main() -> None:
     p.add_argument("--solver", default=None, help="solver of the guidance sweep (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="steps of the guidance sweep (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
-    p.add_argument("--out", type=Path, default=None, help="figure path (default: runs/fd_vs_nfe-<timestamp>/fd_vs_nfe.png)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="figure path (default: runs/fd_vs_nfe-<timestamp>/fd_vs_nfe.png)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its .json/.md")
     args = p.parse_args()
     if args.out is None:
-        from latentflow.checkpoint import new_run_dir
+        from latentflow.runs import new_run_dir
 
         args.out = new_run_dir(Path("runs"), "fd_vs_nfe") / "fd_vs_nfe.png"
     elif args.out.exists() and not args.overwrite:
@@ -69,19 +70,42 @@ def main() -> None:
     def point(kind, solver, setting, scale, interval):
         kw = dict(atol=setting, rtol=setting) if solver == "dopri5" else dict(steps=setting)
         start = time.perf_counter()
-        res = sample_images(pipe.transformer, pipe.frozen_vae(), pipe.latent_shape, labels, solver=solver,
-                            cfg_scale=scale, guidance_interval=interval, generator=torch.Generator().manual_seed(args.seed), **kw)
+        res = pipe.draw(
+            labels,
+            len(labels),
+            solver=solver,
+            cfg_scale=scale,
+            guidance_interval=interval or [],
+            generator=torch.Generator().manual_seed(args.seed),
+            **kw,
+        )
         seconds = time.perf_counter() - start
         m = evaluate_images(res.images, res.labels, net, references)
         r = m["references"]["train"]
-        row = {"sweep": kind, "solver": solver, "setting": setting, "nfe": res.nfe, "cfg_scale": scale,
-               "interval": list(interval) if interval else None, "fd": r["fd"], "fd_std": r["fd_std"],
-               "matched_fd": r["matched"]["fd"], "matched_std": r["matched"]["std"], "floor": r["floor"]["fd"],
-               "floor_std": r["floor"]["std"], "ratio": r["ratio"], "accuracy": m["accuracy"], "seconds": round(seconds, 1)}
+        row = {
+            "sweep": kind,
+            "solver": solver,
+            "setting": setting,
+            "nfe": res.nfe,
+            "cfg_scale": scale,
+            "interval": list(interval) if interval else None,
+            "fd": r["fd"],
+            "fd_std": r["fd_std"],
+            "matched_fd": r["matched"]["fd"],
+            "matched_std": r["matched"]["std"],
+            "floor": r["floor"]["fd"],
+            "floor_std": r["floor"]["std"],
+            "ratio": r["ratio"],
+            "accuracy": m["accuracy"],
+            "seconds": round(seconds, 1),
+        }
         rows.append(row)
-        print(f"{kind:8s} {solver:8s} {setting:<7g} NFE {res.nfe:3d} cfg {scale:<4g} int {str(row['interval']):12s} "
-              f"FD {row['fd']:.3f} ± {row['fd_std']:.3f}  x{row['ratio']:.2f}  acc {row['accuracy']:.2%}  {seconds:.0f} s",
-              flush=True)
+        print(
+            f"{kind:8s} {solver:8s} {setting:<7g} NFE {res.nfe:3d} cfg {scale:<4g} int {str(row['interval']):12s} "
+            f"FD {row['fd']:.3f} ± {row['fd_std']:.3f}  x{row['ratio']:.2f}  acc {row['accuracy']:.2%}  "
+            f"{seconds:.0f} s",
+            flush=True,
+        )
 
     for s_name, settings in SOLVER_GRID.items():
         for setting in settings:
@@ -93,15 +117,33 @@ def main() -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), dpi=120)
     for s_name in SOLVER_GRID:
         pts = [r for r in rows if r["sweep"] == "solver" and r["solver"] == s_name]
-        axes[0].errorbar([r["nfe"] for r in pts], [r["fd"] for r in pts], yerr=[r["fd_std"] for r in pts], marker="o",
-                         ms=3, capsize=2, label=s_name)
+        axes[0].errorbar(
+            [r["nfe"] for r in pts],
+            [r["fd"] for r in pts],
+            yerr=[r["fd_std"] for r in pts],
+            marker="o",
+            ms=3,
+            capsize=2,
+            label=s_name,
+        )
         axes[1].plot([r["nfe"] for r in pts], [100 * r["accuracy"] for r in pts], "o-", ms=3, label=s_name)
     for interval in INTERVALS:
-        pts = [r for r in rows if r["sweep"] == "guidance" and (r["interval"] == (list(interval) if interval else None)
-                                                                 or r["cfg_scale"] == 1.0)]
+        pts = [
+            r
+            for r in rows
+            if r["sweep"] == "guidance"
+            and (r["interval"] == (list(interval) if interval else None) or r["cfg_scale"] == 1.0)
+        ]
         pts = sorted(pts, key=lambda r: r["cfg_scale"])
-        axes[2].errorbar([r["cfg_scale"] for r in pts], [r["fd"] for r in pts], yerr=[r["fd_std"] for r in pts],
-                         marker="o", ms=3, capsize=2, label=f"interval {interval or 'all of t'}")
+        axes[2].errorbar(
+            [r["cfg_scale"] for r in pts],
+            [r["fd"] for r in pts],
+            yerr=[r["fd_std"] for r in pts],
+            marker="o",
+            ms=3,
+            capsize=2,
+            label=f"interval {interval or 'all of t'}",
+        )
     floor = rows[0]
     for ax in (axes[0], axes[2]):
         ax.set_ylabel("FD to the training set")
@@ -114,24 +156,47 @@ def main() -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{args.num_samples} samples, seed {args.seed}; floor at {references[0]['floor'].shape[0]} real "
-                 f"held-out digits {floor['floor']:.3f}", fontsize=10)
+    fig.suptitle(
+        f"{args.num_samples} samples, seed {args.seed}; floor at {references[0]['floor'].shape[0]} real "
+        f"held-out digits {floor['floor']:.3f}",
+        fontsize=10,
+    )
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out)
 
-    head = ["| sweep | solver | steps / tol | NFE | guidance | interval | FD ± std | FD at floor size ± std | × floor | accuracy | time (s) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines = [f"| {r['sweep']} | {r['solver']} | {r['setting']:g} | {r['nfe']} | {r['cfg_scale']:g} | "
-             f"{'all' if not r['interval'] else '–'.join(f'{v:g}' for v in r['interval'])} | {r['fd']:.3f} ± {r['fd_std']:.3f} | "
-             f"{r['matched_fd']:.3f} ± {r['matched_std']:.3f} | {r['ratio']:.2f} | {r['accuracy']:.1%} | {r['seconds']} |"
-             for r in rows]
-    text = "\n".join(head + lines + [f"| real held-out digits (floor) | | | | | | | {floor['floor']:.3f} ± {floor['floor_std']:.3f} | 1.00 | | |"])
+    head = [
+        "| sweep | solver | steps / tol | NFE | guidance | interval | FD ± std | FD at floor size ± std "
+        "| × floor | accuracy | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines = [
+        f"| {r['sweep']} | {r['solver']} | {r['setting']:g} | {r['nfe']} | {r['cfg_scale']:g} | "
+        f"{'all' if not r['interval'] else '–'.join(f'{v:g}' for v in r['interval'])} | "
+        f"{r['fd']:.3f} ± {r['fd_std']:.3f} | "
+        f"{r['matched_fd']:.3f} ± {r['matched_std']:.3f} | {r['ratio']:.2f} | {r['accuracy']:.1%} | {r['seconds']} |"
+        for r in rows
+    ]
+    text = "\n".join(
+        head
+        + lines
+        + [f"| real held-out digits (floor) | | | | | | | {floor['floor']:.3f} ± {floor['floor_std']:.3f} | 1.00 | | |"]
+    )
     print(text)
     args.out.with_suffix(".md").write_text(text + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"points": rows, "num_samples": args.num_samples, "seed": args.seed, "checkpoint": str(args.checkpoint),
-         "feature_net": net.identity, "reference": references[0]["stats"].description}, indent=2))
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "points": rows,
+                "num_samples": args.num_samples,
+                "seed": args.seed,
+                "checkpoint": str(args.checkpoint),
+                "feature_net": net.identity,
+                "reference": references[0]["stats"].description,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentflow.cli import main  # noqa: E402
+from latentflow.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["reconstruct", *sys.argv[1:]]))

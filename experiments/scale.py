@@ -90,18 +90,22 @@ def rank_main(args) -> None:
 
     from latentflow.config import load_config
     from latentflow.data import build_dataset
+    from latentflow.distributed import make_accelerator
     from latentflow.latents import LatentBatches, load_or_build_cache
     from latentflow.models import create_model
-    from latentflow.runtime import make_accelerator
-    from latentflow.train import training_loss
+    from latentflow.training.objective import training_loss
     from latentflow.vae import FrozenVAE
 
     cfg = load_config(overrides=["data.source=folder", f"data.path={args.folder}", f"data.max_items={args.items}"])
     acc = make_accelerator("no", True, 1, 600.0)
     vae = FrozenVAE.from_pretrained(cfg.vae.pretrained)
     dataset = build_dataset(cfg.data, channels=vae.in_channels)
-    result = {"rank": acc.process_index, "processes": acc.num_processes, "items": len(dataset),
-              "threads": torch.get_num_threads()}
+    result = {
+        "rank": acc.process_index,
+        "processes": acc.num_processes,
+        "items": len(dataset),
+        "threads": torch.get_num_threads(),
+    }
     start = time.perf_counter()
     cache, _ = load_or_build_cache(vae, dataset, Path(args.cache), acc, cfg.data, cfg.vae)
     result["cache_seconds"] = time.perf_counter() - start
@@ -186,10 +190,10 @@ def on_paper(measured: dict) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from latentflow.bench import _seed_vae
+    from latentflow.commands.bench import _baseline_vae
     from latentflow.models import create_model
 
-    vae = _seed_vae(tiny=False)  # the SD-VAE architecture: 256 px -> 4x32x32
+    vae = _baseline_vae(tiny=False)  # the SD-VAE architecture: 256 px -> 4x32x32
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         vae.encode(torch.zeros(1, 3, 256, 256))
     encode_flops = counter.get_total_flops()
@@ -197,13 +201,18 @@ def on_paper(measured: dict) -> dict:
     step_flops = 3 * dit.flops_per_sample()  # forward + backward (about twice the forward)
     gpus = 8
     per_image_bytes = 2 * 4 * 32 * 32  # mean and std, 4x32x32 each
-    out = {"imagenet_train_images": IMAGENET_TRAIN, "gpus": gpus,
-           "sd_vae_encode_gflop_per_image": encode_flops / 1e9,
-           "dit_xl2_train_gflop_per_image": step_flops / 1e9,
-           "dit_xl2_params_m": sum(p.numel() for p in dit.parameters()) / 1e6,
-           "cache_gb": {dtype: IMAGENET_TRAIN * per_image_bytes * size / 1e9
-                        for dtype, size in (("float32", 4), ("bfloat16", 2))},
-           "epoch_minutes": {}, "mfu": {}}
+    out = {
+        "imagenet_train_images": IMAGENET_TRAIN,
+        "gpus": gpus,
+        "sd_vae_encode_gflop_per_image": encode_flops / 1e9,
+        "dit_xl2_train_gflop_per_image": step_flops / 1e9,
+        "dit_xl2_params_m": sum(p.numel() for p in dit.parameters()) / 1e6,
+        "cache_gb": {
+            dtype: IMAGENET_TRAIN * per_image_bytes * size / 1e9 for dtype, size in (("float32", 4), ("bfloat16", 2))
+        },
+        "epoch_minutes": {},
+        "mfu": {},
+    }
     for name, (rate, peak) in PUBLISHED.items():
         out["mfu"][name] = rate * step_flops / peak
         out["epoch_minutes"][name] = IMAGENET_TRAIN / (gpus * rate) / 60
@@ -229,11 +238,38 @@ def launch(args, processes: int, phase: str, items: int, cache: Path, tag: str) 
     report.parent.mkdir(parents=True, exist_ok=True)
     for old in report.parent.glob(f"{tag}-rank*.json"):
         old.unlink()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--num_processes", str(processes), "--multi_gpu" if processes > 1 else "--cpu"]
-    cmd += [__file__, "rank", "--phase", phase, "--folder", str(args.folder), "--items", str(items),
-            "--cache", str(cache), "--report", str(report), "--batch-size", str(args.batch_size),
-            "--model-steps", str(args.model_steps)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        str(processes),
+        "--multi_gpu" if processes > 1 else "--cpu",
+    ]
+    cmd += [
+        __file__,
+        "rank",
+        "--phase",
+        phase,
+        "--folder",
+        str(args.folder),
+        "--items",
+        str(items),
+        "--cache",
+        str(cache),
+        "--report",
+        str(report),
+        "--batch-size",
+        str(args.batch_size),
+        "--model-steps",
+        str(args.model_steps),
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - start
@@ -241,8 +277,11 @@ def launch(args, processes: int, phase: str, items: int, cache: Path, tag: str) 
         sys.exit(f"error: {tag} failed:\n{proc.stderr[-3000:]}")
     ranks = [json.loads(p.read_text()) for p in sorted(report.parent.glob(f"{tag}-rank*.json"))]
     out = {"processes": processes, "items": items, "wall_s": round(wall, 1), "ranks": ranks}
-    print(f"{tag}: {wall:.1f} s wall, per rank: "
-          + "; ".join(f"HWM {r['VmHWM']} MiB anon {r['RssAnon']} MiB" for r in ranks), flush=True)
+    print(
+        f"{tag}: {wall:.1f} s wall, per rank: "
+        + "; ".join(f"HWM {r['VmHWM']} MiB anon {r['RssAnon']} MiB" for r in ranks),
+        flush=True,
+    )
     return out
 
 
@@ -251,14 +290,19 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
     enc = results["encode"]
-    a.bar([f"{e['processes']} process{'es' if e['processes'] > 1 else ''}" for e in enc],
-          [e["images_per_s"] for e in enc], color=["tab:blue", "tab:orange"])
+    a.bar(
+        [f"{e['processes']} process{'es' if e['processes'] > 1 else ''}" for e in enc],
+        [e["images_per_s"] for e in enc],
+        color=["tab:blue", "tab:orange"],
+    )
     a.set_ylabel("images/s")
     a.set_title(f"encoding {enc[0]['items']:,} images")
     sizes = [r["items"] for r in results["train"]]
-    for pick, label in ((lambda x: x["after_loader"]["VmHWM"], "peak RSS, an epoch read (no model)"),
-                        (lambda x: x["VmHWM"], "peak RSS, then DiT-S steps"),
-                        (lambda x: x["RssAnon"], "anonymous RSS at the end")):
+    for pick, label in (
+        (lambda x: x["after_loader"]["VmHWM"], "peak RSS, an epoch read (no model)"),
+        (lambda x: x["VmHWM"], "peak RSS, then DiT-S steps"),
+        (lambda x: x["RssAnon"], "anonymous RSS at the end"),
+    ):
         b.plot(sizes, [max(pick(x) for x in r["ranks"]) for r in results["train"]], "o-", label=label)
     b.set_xscale("log")
     b.set_xticks(sizes, [f"{s:,}" for s in sizes])
@@ -294,8 +338,14 @@ def main() -> None:
     args.folder = work / "images"
     write_folder(args.folder, args.images)
     small = args.images // 10
-    results = {"machine": cpu_model(), "platform": platform.platform(), "batch_size": args.batch_size,
-               "command": "python experiments/scale.py " + " ".join(sys.argv[1:]), "encode": [], "train": []}
+    results = {
+        "machine": cpu_model(),
+        "platform": platform.platform(),
+        "batch_size": args.batch_size,
+        "command": "python experiments/scale.py " + " ".join(sys.argv[1:]),
+        "encode": [],
+        "train": [],
+    }
     for procs in (1, 2):  # encode throughput, each from an empty cache
         cache = work / f"cache-encode-{procs}"
         subprocess.run(["rm", "-rf", str(cache)], check=True)
@@ -309,8 +359,9 @@ def main() -> None:
             launch(args, 2, "encode", items, cache, f"warm-{items}")
         results["train"].append(launch(args, 2, "train", items, cache, f"train-{items}"))
     big = results["train"][-1]["ranks"][0]
-    results["paper"] = on_paper({"loader_ms": big["loader_ms"], "batch": args.batch_size,
-                                 "latent_numel": big["latent_numel"]})
+    results["paper"] = on_paper(
+        {"loader_ms": big["loader_ms"], "batch": args.batch_size, "latent_numel": big["latent_numel"]}
+    )
     out = Path(args.out)
     out.write_text(json.dumps(results, indent=2))
     plot(results, out.with_suffix(".png"))

@@ -1,11 +1,13 @@
 """Experiment configuration: a typed dataclass tree with per-field docs and validation.
 
-An experiment file (YAML, in ``experiments/``) says *what* to train; command-line flags say
-where and how (output directory, resume, mixed precision). The dataclass defaults are the
-embedded default experiment, so ``python main.py`` with no file trains it;
-``experiments/default.yaml`` spells the same values out (a test keeps them equal).
+An experiment file (YAML) says *what* to train; command-line flags say where and how
+(output directory, resume, mixed precision). The dataclass defaults are the embedded
+default experiment, so ``python main.py`` with no file trains it; the built-in experiment
+``default`` (``latentflow/experiments/default.yaml``) spells the same values out (a test
+keeps them equal). Built-in experiments ship inside the package and are found by name
+(``--config smoke``) from any directory.
 
-``load_config(path, overrides)`` reads a file, applies ``--set section.key=value``
+``load_config(path_or_name, overrides)`` reads a file, applies ``--set section.key=value``
 overrides (values parsed as YAML), refuses unknown keys and wrong types, and validates
 values, raising ``ConfigError`` with the key path and the fix.
 """
@@ -32,13 +34,19 @@ __all__ = [
     "SamplerConfig",
     "TrainConfig",
     "VAEConfig",
+    "EXPERIMENTS",
+    "builtin_experiments",
     "config_from_dict",
     "config_from_file",
-    "read_yaml_mapping",
     "config_to_dict",
+    "experiment_file",
     "load_config",
+    "read_yaml_mapping",
     "save_config",
+    "section_from_dict",
 ]
+
+EXPERIMENTS = Path(__file__).resolve().parent / "experiments"  # the built-in experiment files
 
 
 @dataclass
@@ -86,7 +94,9 @@ class DataConfig:
             raise ConfigError(f"data.decode_workers must be >= 0, got {self.decode_workers}")
         if self.source in ("npz", "folder") and not self.path:
             example = "FILE.npz" if self.source == "npz" else "DIR"
-            raise ConfigError(f"data.source is {self.source!r} but data.path is not set; pass --set data.path={example}")
+            raise ConfigError(
+                f"data.source is {self.source!r} but data.path is not set; pass --set data.path={example}"
+            )
         if self.download and not self.path:
             raise ConfigError("data.download needs data.path, the directory to download into")
         if self.max_items is not None:
@@ -104,7 +114,7 @@ class VAEConfig:
     """Batch size for encoding the dataset into the latent cache."""
     cache_dtype: str = "float32"
     """How the cache stores posterior moments: 'float32', 'bfloat16' or 'float16' (half the
-    disk and page cache; the rounding error is in the README, "Scaling")."""
+    disk and page cache; the rounding error is in docs/data.md)."""
     cache_shard_size: int = 4096
     """Images per cache shard (the unit of parallel encoding and of resuming an encode)."""
 
@@ -137,14 +147,14 @@ class FlowConfig:
     sigma_min: float = 1e-3
     """Width of the Gaussian around the data at t = 1 (see latentflow/flow.py)."""
     time_sampler: str = "logit_normal"
-    """'stratified' (the seed's), 'uniform' or 'logit_normal'."""
+    """'stratified' (the baseline program's), 'uniform' or 'logit_normal'."""
     logit_mean: float = 0.0
     """Mean of the logit-normal time sampler."""
     logit_std: float = 1.0
     """Standard deviation of the logit-normal time sampler."""
     t_max: float = 1.0
-    """Training times lie in [0, t_max): stratified ones modulo t_max (the seed: 1 - 1e-5),
-    the others scaled by it."""
+    """Training times lie in [0, t_max): stratified ones modulo t_max (the baseline program:
+    1 - 1e-5), the others scaled by it."""
 
     def validate(self) -> None:
         if not 0.0 <= self.sigma_min < 1.0:
@@ -186,7 +196,9 @@ class SamplerConfig:
         if self.guidance_interval is not None:
             lo_hi = self.guidance_interval
             if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
-                raise ConfigError(f"sampler.guidance_interval must be [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1, got {lo_hi}")
+                raise ConfigError(
+                    f"sampler.guidance_interval must be [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1, got {lo_hi}"
+                )
 
 
 @dataclass
@@ -256,9 +268,19 @@ class TrainConfig:
 # re-pace training, or say how (not what) to compute. Any other difference makes --resume
 # refuse the run.
 CONTINUABLE_FIELDS = (
-    "train.epochs", "train.log_every", "train.max_nonfinite", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.log_with", "train.compile", "train.grad_checkpointing", "train.eval_every", "train.eval_samples",
-    "data.decode_workers", "vae.encode_batch_size", "vae.cache_shard_size",
+    "train.epochs",
+    "train.log_every",
+    "train.max_nonfinite",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_with",
+    "train.compile",
+    "train.grad_checkpointing",
+    "train.eval_every",
+    "train.eval_samples",
+    "data.decode_workers",
+    "vae.encode_batch_size",
+    "vae.cache_shard_size",
 )
 
 
@@ -273,7 +295,7 @@ class ExperimentConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> "ExperimentConfig":
+    def validate(self) -> ExperimentConfig:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"name {self.name!r} must be a plain, non-empty directory name")
         for section in (self.data, self.vae, self.model, self.flow, self.sampler, self.train):
@@ -318,7 +340,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a section (a mapping), got {value!r}")
-        return _build(tp, value, key + ".")
+        return section_from_dict(tp, value, key + ".")
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
             try:
@@ -343,7 +365,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key} must be of type {tp.__name__}, got {value!r}")
 
 
-def _build(cls, values: Dict[str, Any], prefix: str = ""):
+def section_from_dict(cls, values: Dict[str, Any], prefix: str = ""):
+    """A config dataclass ``cls`` from a mapping, every value checked against its annotation;
+    an unknown key is refused with its full path (``prefix`` is the path so far, e.g.
+    ``data.``). Values are not validated: call ``.validate()``."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in values if k not in names]
@@ -355,7 +380,7 @@ def _build(cls, values: Dict[str, Any], prefix: str = ""):
 
 
 def config_from_dict(values: Dict[str, Any]) -> ExperimentConfig:
-    return _build(ExperimentConfig, values or {}).validate()
+    return section_from_dict(ExperimentConfig, values or {}).validate()
 
 
 def config_to_dict(cfg: ExperimentConfig) -> Dict[str, Any]:
@@ -392,8 +417,10 @@ def read_yaml_mapping(path: Path, what: str = "config file") -> Dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{what} {path} is not valid YAML{where}: {getattr(exc, 'problem', None) or 'parse error'}; "
-                          "fix the YAML there") from None
+        raise ConfigError(
+            f"{what} {path} is not valid YAML{where}: {getattr(exc, 'problem', None) or 'parse error'}; "
+            "fix the YAML there"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{what} {path} cannot be read ({exc.strerror})") from None
     if not isinstance(values, dict):
@@ -409,13 +436,33 @@ def config_from_file(path: Path, what: str = "config file") -> ExperimentConfig:
         raise ConfigError(f"{exc} (in {path})" if str(path) not in str(exc) else str(exc)) from None
 
 
+def builtin_experiments() -> List[str]:
+    """Names of the experiments that ship with latentflow (``--config NAME``)."""
+    return sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+
+
+def experiment_file(path_or_name: str | Path) -> Path:
+    """The experiment file ``path_or_name`` means: an existing file; else a built-in
+    experiment by name (``smoke``, ``smoke.yaml``, or ``experiments/smoke.yaml`` as earlier
+    releases kept them beside the package)."""
+    path = Path(path_or_name).expanduser()
+    if path.exists():
+        return path
+    builtin = EXPERIMENTS / (path.stem + ".yaml")
+    named = path.suffix in ("", ".yaml") and (len(path.parts) == 1 or path.parent.name == "experiments")
+    if named and builtin.is_file():
+        return builtin
+    raise ConfigError(
+        f"config file {path} not found; give a YAML file, or the name of a built-in experiment "
+        f"({', '.join(builtin_experiments())})"
+    )
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Defaults <- experiment file <- overrides, validated."""
+    """Defaults <- experiment file (a path or a built-in name) <- overrides, validated."""
     values: Dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} not found; experiment files live in experiments/")
+        path = experiment_file(path)
         values = read_yaml_mapping(path)
     for override in overrides:
         _apply_override(values, override)
@@ -427,4 +474,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 
 
 def save_config(cfg: ExperimentConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the resolved experiment as YAML (atomically): a run's ``config.yaml``, an
+    export's ``experiment.yaml``."""
+    from .files import write_text_atomic
+
+    write_text_atomic(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config")

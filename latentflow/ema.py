@@ -38,11 +38,13 @@ class EMA:
         self._shards: Optional[List[torch.Tensor]] = None  # this rank's shards, when sharded
         self._layout: List = []
 
-    def track(self, trained: nn.Module) -> "EMA":
+    def track(self, trained: nn.Module) -> EMA:
         """Follow ``trained`` (the model as prepared); shard the average like it if it is sharded."""
         params = list(trained.parameters())
         if any(_is_sharded(p) for p in params):
-            self._layout = [(p.device_mesh, p.placements, p.shape, p.stride()) if _is_sharded(p) else None for p in params]
+            self._layout = [
+                (p.device_mesh, p.placements, p.shape, p.stride()) if _is_sharded(p) else None for p in params
+            ]
             self._shards = [_local(p).detach().clone() for p in params]
         return self
 
@@ -83,4 +85,6 @@ class EMA:
                     self._shards[i].copy_(p)
                 else:
                     mesh, placements, _, _ = layout
-                    self._shards[i].copy_(distribute_tensor(p.detach().to(self._shards[i].device), mesh, placements).to_local())
+                    self._shards[i].copy_(
+                        distribute_tensor(p.detach().to(self._shards[i].device), mesh, placements).to_local()
+                    )

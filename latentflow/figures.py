@@ -104,7 +104,7 @@ def _finish(fig, ax, path: Path, title: Optional[str], legend_size: Optional[int
 
 def save_loss_by_time(log_file: Path, path: Path, title: Optional[str] = None, max_curves: int = 6) -> Path:
     """Training loss per equal-width t bin (t = 0 noise, 1 data), for a few epochs."""
-    epochs = [json.loads(l) for l in Path(log_file).read_text().splitlines()]
+    epochs = [json.loads(line) for line in Path(log_file).read_text().splitlines()]
     epochs = [e for e in epochs if e.get("event") == "epoch" and e.get("loss_by_time")]
     if not epochs:
         return path
@@ -129,8 +129,9 @@ def class_grid_labels(num_classes: int, per_class: int) -> Sequence[int]:
     return [c for c in range(num_classes) for _ in range(per_class)]
 
 
-def save_trajectory(frames: Sequence[np.ndarray], times: Sequence[float], path: Path, max_rows: int = 8,
-                    title: Optional[str] = None) -> Path:
+def save_trajectory(
+    frames: Sequence[np.ndarray], times: Sequence[float], path: Path, max_rows: int = 8, title: Optional[str] = None
+) -> Path:
     """Decoded x_t along the ODE path: one row per sample, one column per time (t = 0 noise
     on the left, t = 1 data on the right). ``frames``: uint8 (N, H, W, C) per time."""
     rows, cols = min(max_rows, len(frames[0])), len(frames)
@@ -139,8 +140,12 @@ def save_trajectory(frames: Sequence[np.ndarray], times: Sequence[float], path: 
         for i in range(rows):
             ax = axes[i, j]
             img = frame[i]
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
-                      vmin=0, vmax=255)
+            ax.imshow(
+                img[..., 0] if img.shape[-1] == 1 else img,
+                cmap="gray" if img.shape[-1] == 1 else None,
+                vmin=0,
+                vmax=255,
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
@@ -155,7 +160,7 @@ def save_trajectory(frames: Sequence[np.ndarray], times: Sequence[float], path: 
 def save_eval_curve(log_file: Path, path: Path, title: Optional[str] = None) -> Path:
     """FD (with its bootstrap spread and the floor) and class accuracy over training, from the
     'eval' records of a run's log.jsonl."""
-    records = [json.loads(l) for l in Path(log_file).read_text().splitlines() if '"eval"' in l]
+    records = [json.loads(line) for line in Path(log_file).read_text().splitlines() if '"eval"' in line]
     records = [r for r in records if r.get("event") == "eval"]
     if not records:
         return path
@@ -167,8 +172,13 @@ def save_eval_curve(log_file: Path, path: Path, title: Optional[str] = None) -> 
         axes[0].errorbar(epochs, fd, yerr=sd, marker="o", ms=3, capsize=2, label=f"FD to {name}")
         floor = records[-1]["references"][name].get("floor")
         if floor:
-            axes[0].axhline(floor["fd"], ls="--", lw=1, color=axes[0].lines[-1].get_color(),
-                            label=f"floor ({name}, {floor['n']} real)")
+            axes[0].axhline(
+                floor["fd"],
+                ls="--",
+                lw=1,
+                color=axes[0].lines[-1].get_color(),
+                label=f"floor ({name}, {floor['n']} real)",
+            )
     axes[0].set_yscale("log")
     axes[0].set_ylabel("FD")
     if "accuracy" in records[-1]:

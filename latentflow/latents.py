@@ -41,7 +41,6 @@ import hashlib
 import json
 import mmap
 import os
-import signal
 import struct
 import time
 import uuid
@@ -53,18 +52,12 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 
+from .console import Console
+from .distributed import on_main
 from .errors import DataError, LatentflowError
-from .runtime import (
-    STREAM_DATA,
-    STREAM_FLIP,
-    STREAM_VALID,
-    atomic_file,
-    derive_seed,
-    faults,
-    on_main,
-    remove_stale_temps,
-    write_text_atomic,
-)
+from .faults import Faults
+from .files import atomic_file, remove_stale_temps, write_text_atomic
+from .rng import STREAM_DATA, STREAM_FLIP, STREAM_VALID, derive_seed
 from .vae import FrozenVAE
 
 __all__ = [
@@ -73,7 +66,6 @@ __all__ = [
     "LatentCache",
     "cache_metadata",
     "default_cache_dir",
-    "encode_experiment",
     "encode_items",
     "load_or_build_cache",
 ]
@@ -125,7 +117,9 @@ class Shard:
         def small(name):
             i = header[name]
             a, b = i["data_offsets"]
-            return torch.from_numpy(np.frombuffer(self._map, dtype=np.int64, count=(b - a) // 8, offset=base + a).copy())
+            return torch.from_numpy(
+                np.frombuffer(self._map, dtype=np.int64, count=(b - a) // 8, offset=base + a).copy()
+            )
 
         self.labels, self.indices = small("labels"), small("indices")
         if len(self.labels) != self.shape[0] or len(self.indices) != self.shape[0]:
@@ -217,8 +211,9 @@ class LatentCache:
 # --- what a cache is made from --------------------------------------------------------------
 
 
-def cache_metadata(vae: FrozenVAE, dataset, hflip: bool = False, dtype: str = "float32",
-                   shard_size: int = 4096) -> Dict[str, str]:
+def cache_metadata(
+    vae: FrozenVAE, dataset, hflip: bool = False, dtype: str = "float32", shard_size: int = 4096
+) -> Dict[str, str]:
     """Two caches with equal metadata hold the same latents."""
     return {
         "format": CACHE_FORMAT,
@@ -242,16 +237,29 @@ def _bad_file_error(path: str, reason: str) -> DataError:
 
 
 @torch.no_grad()
-def encode_items(vae: FrozenVAE, dataset, items: Sequence[int], batch_size: int = 256, hflip: bool = False,
-                 skip_bad: bool = False, workers: int = 0, progress: Optional[Callable] = None) -> Tuple[dict, list]:
+def encode_items(
+    vae: FrozenVAE,
+    dataset,
+    items: Sequence[int],
+    batch_size: int = 256,
+    hflip: bool = False,
+    skip_bad: bool = False,
+    workers: int = 0,
+    progress: Optional[Callable] = None,
+) -> Tuple[dict, list]:
     """Encode dataset items ``items`` in order (no shuffling, no random augmentation); with
     ``hflip`` their mirrors too. Returns the shard tensors (float32 moments (n, K, c, h, w),
     labels, indices) and the bad files skipped; without ``skip_bad`` the first bad file
     raises a one-line ``DataError``."""
     # An explicit generator: iterating a DataLoader otherwise draws from the global one, and
     # a run would then depend on whether its cache already existed.
-    loader = DataLoader(Subset(dataset, list(items)), batch_size=batch_size, shuffle=False,
-                        generator=torch.Generator(), num_workers=workers)
+    loader = DataLoader(
+        Subset(dataset, list(items)),
+        batch_size=batch_size,
+        shuffle=False,
+        generator=torch.Generator(),
+        num_workers=workers,
+    )
     moments, labels, indices, bad = [], [], [], []
     for batch in progress(loader) if progress else loader:
         images, y, idx = batch[:3]
@@ -273,16 +281,25 @@ def encode_items(vae: FrozenVAE, dataset, items: Sequence[int], batch_size: int 
         except (RuntimeError, MemoryError) as exc:
             if not isinstance(exc, MemoryError) and "out of memory" not in str(exc) and "allocate" not in str(exc):
                 raise
-            raise DataError(f"encoding {tuple(images.shape)} images with VAE {vae.name} ran out of memory; lower "
-                            "vae.encode_batch_size or data.image_size") from None
+            raise DataError(
+                f"encoding {tuple(images.shape)} images with VAE {vae.name} ran out of memory; lower "
+                "vae.encode_batch_size or data.image_size"
+            ) from None
         moments.append(torch.stack([p.cpu() for p in parts], dim=1))  # (B, K, c, h, w)
         labels.append(y)
         indices.append(idx)
     if not moments:
         shape = (0, 4 if hflip else 2, *vae.latent_shape(dataset.image_shape[-1]))
-        return {"moments": torch.zeros(shape), "labels": torch.zeros(0, dtype=torch.long),
-                "indices": torch.zeros(0, dtype=torch.long)}, bad
-    return {"moments": torch.cat(moments), "labels": torch.cat(labels).long(), "indices": torch.cat(indices).long()}, bad
+        return {
+            "moments": torch.zeros(shape),
+            "labels": torch.zeros(0, dtype=torch.long),
+            "indices": torch.zeros(0, dtype=torch.long),
+        }, bad
+    return {
+        "moments": torch.cat(moments),
+        "labels": torch.cat(labels).long(),
+        "indices": torch.cat(indices).long(),
+    }, bad
 
 
 # --- building -------------------------------------------------------------------------------
@@ -300,8 +317,15 @@ def _plan(n_items: int, shard_size: int) -> List[Tuple[int, int]]:
     return [(a, min(a + shard_size, n_items)) for a in range(0, n_items, shard_size)]
 
 
-def _why_unusable(root: Path, i: int, span: Tuple[int, int], dataset, check_values: bool,
-                  row_shape: Tuple[int, ...] = (), dtype: str = "") -> Optional[str]:
+def _why_unusable(
+    root: Path,
+    i: int,
+    span: Tuple[int, int],
+    dataset,
+    check_values: bool,
+    row_shape: Tuple[int, ...] = (),
+    dtype: str = "",
+) -> Optional[str]:
     """None if shard ``i`` is complete and matches the dataset; "" if it is simply missing;
     else why it has to be encoded again."""
     if not _marker(root, i).exists():
@@ -335,8 +359,12 @@ def _write_shard(root: Path, i: int, tensors: dict, bad: list, dtype: str, vae: 
             f"{int(tensors['indices'][rows[0]])}); check the VAE's weights and the images"
         )
     stored = {**tensors, "moments": m.to(CACHE_DTYPES[dtype][0]).contiguous()}
-    with atomic_file(_shard_file(root, i), "latent cache shard", needed=sum(t.nbytes for t in stored.values()),
-                     intact="shards written so far are kept") as tmp:
+    with atomic_file(
+        _shard_file(root, i),
+        "latent cache shard",
+        needed=sum(t.nbytes for t in stored.values()),
+        intact="shards written so far are kept",
+    ) as tmp:
         save_file(stored, str(tmp))
     write_text_atomic(_marker(root, i), json.dumps({"rows": len(m), "bad": bad}), "latent cache marker")
 
@@ -356,8 +384,10 @@ def _wait_for(root: Path, todo: List[int], build: str, say: Callable, stall_s: f
             if pending:
                 say(f"  latent cache: {len(todo) - len(pending)} of {len(todo)} shards encoded")
         elif time.time() - last > stall_s:
-            raise DataError(f"no shard of latent cache {root} finished in {stall_s:.0f} s; a process has stalled or "
-                            "died (its shards are encoded again at the next start)")
+            raise DataError(
+                f"no shard of latent cache {root} finished in {stall_s:.0f} s; a process has stalled or "
+                "died (its shards are encoded again at the next start)"
+            )
         else:
             time.sleep(0.2)
 
@@ -375,8 +405,80 @@ def _report_bad(cache: LatentCache, dataset, cfg, say: Callable) -> None:
             f"{len(cache.bad_files)} of {len(dataset)} files of {dataset.origin} are bad ({fraction:.1%}, more than "
             f"data.max_bad_fraction={cfg.max_bad_fraction:g}); first: {first}"
         )
-    say(f"skipped {len(cache.bad_files)} bad file(s) of {len(dataset)} ({fraction:.2%}): {first}"
-        + (" ..." if len(cache.bad_files) > 3 else ""))
+    say(
+        f"skipped {len(cache.bad_files)} bad file(s) of {len(dataset)} ({fraction:.2%}): {first}"
+        + (" ..." if len(cache.bad_files) > 3 else "")
+    )
+
+
+def _check_manifest(root: Path, cache_dir: Path, metadata: Dict[str, str], plan, say: Callable) -> None:
+    """Start the cache afresh (a new manifest, no shards) unless its manifest matches."""
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise DataError(f"cache directory {cache_dir} is a file; pass --cache-dir DIR (a directory)")
+    manifest = root / "manifest.json"
+    stored = None
+    if manifest.exists():
+        try:
+            stored = json.loads(manifest.read_text()).get("metadata")
+        except (OSError, ValueError):
+            stored = None
+    remove_stale_temps(root)  # shards of encoders that crashed (their pid is gone)
+    if stored == metadata:
+        return
+    if manifest.exists():
+        say(f"latent cache {root}: its manifest does not match; encoding it again")
+    for old in list(root.glob("shard_*")) + list(root.glob(".error-*")):
+        old.unlink()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"could not write latent cache {root} ({exc.strerror}); pass another --cache-dir DIR") from None
+    write_text_atomic(manifest, json.dumps({"metadata": metadata, "shards": plan}, indent=1), "latent cache manifest")
+
+
+def _shards_to_encode(root: Path, plan, dataset, row_shape, dtype: str, world: int, say: Callable) -> List[int]:
+    """The shards that are missing or unusable (their markers removed), said in one line."""
+    small = len(dataset) * int(np.prod(row_shape)) * 4 < (1 << 30)
+    todo, damaged = [], []
+    for i, span in enumerate(plan):
+        why = _why_unusable(root, i, span, dataset, small, row_shape, dtype)
+        if why is not None:
+            todo.append(i)
+            if why:
+                damaged.append(f"shard {i}: {why}")
+                _marker(root, i).unlink(missing_ok=True)
+    if damaged:
+        say(f"latent cache {root}: encoding {len(damaged)} shard(s) again ({damaged[0]})")
+    if len(todo) == len(plan):
+        say(f"encoding {len(dataset)} images into {root} ({len(plan)} shard(s), {world} process(es))")
+    elif todo:
+        say(f"resuming the encode of {root}: {len(plan) - len(todo)} of {len(plan)} shards are done")
+    else:
+        say(f"using latent cache {root}")
+    return todo
+
+
+def _encode_mine(
+    mine: List[int], encode: Callable[[int], None], root: Path, build: str, rank: int, world: int, faults: Faults
+) -> None:
+    """Encode this rank's shards; a failure is left as an error marker for the others, who are
+    watching the markers, before it is raised here."""
+    try:
+        for n, i in enumerate(mine, start=1):
+            encode(i)
+            faults.after_shard(n)
+    except BaseException as exc:
+        if isinstance(exc, LatentflowError):
+            exc.local = rank != 0  # only this rank met it: it reports it itself
+            message = str(exc)
+        else:
+            message = f"process {rank} failed while encoding ({type(exc).__name__}: {exc})"
+        if world > 1:
+            try:
+                (root / f".error-{build}-{rank}").write_text(message.replace("\n", " "))
+            except OSError:
+                pass  # a full disk: the process exits and the launcher ends the others
+        raise
 
 
 def load_or_build_cache(
@@ -386,14 +488,16 @@ def load_or_build_cache(
     accelerator,
     data_cfg=None,
     vae_cfg=None,
-    progress: Optional[Callable] = None,
     stall_s: float = 3600.0,
+    console: Optional[Console] = None,
+    faults: Optional[Faults] = None,
 ) -> Tuple[LatentCache, Path]:
     """Open the cache of ``dataset`` under ``cache_dir``, encoding whatever is missing first,
     split over the processes. ``data_cfg`` and ``vae_cfg`` (an experiment's sections) bring
     hflip, the bad-file policy, decode workers, the batch size, storage dtype and shard size.
     Any failure (a bad image, a VAE that encodes to NaN, a full or read-only cache directory)
-    stops every rank with the same one-line error."""
+    stops every rank with the same one-line error. ``console`` is told what the encode does
+    (pass one on the main process only); ``faults`` is the tests' fault injection."""
     hflip = bool(data_cfg and data_cfg.hflip)
     skip_bad = bool(data_cfg and data_cfg.skip_bad_images)
     dtype = vae_cfg.cache_dtype if vae_cfg else "float32"
@@ -404,101 +508,33 @@ def load_or_build_cache(
     key = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir) / f"latents-{key}"
     plan = _plan(len(dataset), shard_size)
-    say = accelerator.print
+    console = console or Console()
     rank, world = accelerator.process_index, accelerator.num_processes
+    row_shape = (4 if hflip else 2, *vae.latent_shape(dataset.image_shape[-1]))
 
     def prepare() -> Tuple[List[int], str]:
-        if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
-            raise DataError(f"cache directory {cache_dir} is a file; pass --cache-dir DIR (a directory)")
-        manifest = root / "manifest.json"
-        stored = None
-        if manifest.exists():
-            try:
-                stored = json.loads(manifest.read_text()).get("metadata")
-            except (OSError, ValueError):
-                stored = None
-        remove_stale_temps(root)  # shards of encoders that crashed (their pid is gone)
-        if stored != metadata:
-            if manifest.exists():
-                say(f"latent cache {root}: its manifest does not match; encoding it again")
-            for old in list(root.glob("shard_*")) + list(root.glob(".error-*")):
-                old.unlink()
-            try:
-                root.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise DataError(f"could not write latent cache {root} ({exc.strerror}); pass another --cache-dir DIR") from None
-            write_text_atomic(manifest, json.dumps({"metadata": metadata, "shards": plan}, indent=1), "latent cache manifest")
-        latent = vae.latent_shape(dataset.image_shape[-1])
-        row_shape = (4 if hflip else 2, *latent)
-        small = len(dataset) * int(np.prod(row_shape)) * 4 < (1 << 30)
-        todo, damaged = [], []
-        for i, span in enumerate(plan):
-            why = _why_unusable(root, i, span, dataset, small, row_shape, dtype)
-            if why is not None:
-                todo.append(i)
-                if why:
-                    damaged.append(f"shard {i}: {why}")
-                    _marker(root, i).unlink(missing_ok=True)
-        if damaged:
-            say(f"latent cache {root}: encoding {len(damaged)} shard(s) again ({damaged[0]})")
-        if len(todo) == len(plan):
-            say(f"encoding {len(dataset)} images into {root} ({len(plan)} shard(s), {world} process(es))")
-        elif todo:
-            say(f"resuming the encode of {root}: {len(plan) - len(todo)} of {len(plan)} shards are done")
-        else:
-            say(f"using latent cache {root}")
-        return todo, uuid.uuid4().hex[:12]
+        _check_manifest(root, cache_dir, metadata, plan, console.line)
+        return _shards_to_encode(root, plan, dataset, row_shape, dtype, world, console.line), uuid.uuid4().hex[:12]
+
+    def encode(i: int) -> None:
+        progress = lambda loader: console.wrap(loader, "encode")
+        tensors, bad = encode_items(vae, dataset, range(*plan[i]), batch_size, hflip, skip_bad, workers, progress)
+        _write_shard(root, i, tensors, bad, dtype, vae)
 
     todo, build = on_main(accelerator, prepare)
-    kill_after = faults().get("encode_sigkill", set())
-    try:
-        for n, i in enumerate(todo[rank::world], start=1):
-            bar = progress if accelerator.is_main_process else None
-            tensors, bad = encode_items(vae, dataset, range(*plan[i]), batch_size, hflip, skip_bad, workers, bar)
-            _write_shard(root, i, tensors, bad, dtype, vae)
-            if n in kill_after:  # test hook: an encode killed part way
-                os.kill(os.getpid(), signal.SIGKILL)
-    except BaseException as exc:  # tell the other ranks, who are watching the markers
-        if isinstance(exc, LatentflowError):
-            exc.local = rank != 0  # only this rank met it: it reports it itself
-        message = str(exc) if isinstance(exc, LatentflowError) else f"process {rank} failed while encoding ({type(exc).__name__}: {exc})"
-        if world > 1:
-            try:
-                (root / f".error-{build}-{rank}").write_text(message.replace("\n", " "))
-            except OSError:
-                pass  # a full disk: the process exits and the launcher ends the others
-        raise
-    _wait_for(root, todo, build, say, stall_s)
+    _encode_mine(todo[rank::world], encode, root, build, rank, world, faults or Faults({}))
+    _wait_for(root, todo, build, console.line, stall_s)
     accelerator.wait_for_everyone()
-
     try:
         shards = [Shard(_shard_file(root, i)) for i in range(len(plan))]
     except (OSError, ValueError, KeyError, struct.error) as exc:
-        raise DataError(f"latent cache {root} is unusable right after it was written ({exc}); pass another --cache-dir") from None
+        raise DataError(
+            f"latent cache {root} is unusable right after it was written ({exc}); pass another --cache-dir"
+        ) from None
     cache = LatentCache(shards, root)
     cache.bad_files = [tuple(b) for i in range(len(plan)) for b in json.loads(_marker(root, i).read_text())["bad"]]
-    _report_bad(cache, dataset, data_cfg, say)
+    _report_bad(cache, dataset, data_cfg, console.line)
     return cache, root
-
-
-def encode_experiment(cfg, cache_dir: Optional[Path] = None, cpu: bool = False, dist_timeout: float = 180.0) -> Path:
-    """``python main.py encode``: build an experiment's latent cache (on every process of a
-    launch) without training; returns the cache directory."""
-    from tqdm import tqdm
-
-    from .data import build_dataset
-    from .runtime import make_accelerator
-
-    accelerator = make_accelerator("no", cpu, 1, dist_timeout)
-    vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder).to(accelerator.device)
-    dataset = build_dataset(cfg.data, channels=vae.in_channels)
-    bar = (lambda it: tqdm(it, desc="encode", leave=False)) if accelerator.is_main_process and os.isatty(2) else None
-    start = time.perf_counter()
-    cache, root = load_or_build_cache(vae, dataset, cache_dir or default_cache_dir(), accelerator, cfg.data, cfg.vae, bar)
-    accelerator.print(f"latent cache {root}: {len(cache)} rows of {tuple(cache.latent_shape)} "
-                      f"({time.perf_counter() - start:.1f} s, {accelerator.num_processes} process(es))")
-    accelerator.end_training()
-    return root
 
 
 class LatentBatches:
@@ -511,8 +547,16 @@ class LatentBatches:
     (a dataset smaller than a global batch wraps around).
     """
 
-    def __init__(self, cache: LatentCache, batch_size: int, num_processes: int = 1, rank: int = 0,
-                 grad_accum: int = 1, seed: int = 0, val_fraction: float = 0.0):
+    def __init__(
+        self,
+        cache: LatentCache,
+        batch_size: int,
+        num_processes: int = 1,
+        rank: int = 0,
+        grad_accum: int = 1,
+        seed: int = 0,
+        val_fraction: float = 0.0,
+    ):
         self.cache, self.batch_size, self.num_processes, self.rank = cache, batch_size, num_processes, rank
         self.grad_accum, self.seed = grad_accum, seed
         # With val_fraction, a seeded subset of the rows is held out for validation, never trained on.

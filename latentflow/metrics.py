@@ -1,13 +1,17 @@
-"""Image metrics. Images are float tensors in [-1, 1] (the model's range) of shape
-(B, C, H, W); PSNR and SSIM are computed on [0, 1], as is usual."""
+"""Image and distribution metrics: pure math on arrays, no files or models.
+
+Images are float tensors in [-1, 1] (the model's range) of shape (B, C, H, W); PSNR and SSIM
+are computed on [0, 1], as is usual. The Fréchet distance works on feature arrays (N, D).
+"""
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
-__all__ = ["psnr", "ssim", "reconstruction_metrics"]
+__all__ = ["fd_gaussians", "frechet_distance", "psd_sqrt", "psnr", "reconstruction_metrics", "ssim"]
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -35,3 +39,35 @@ def reconstruction_metrics(x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]
         "psnr_pooled": (-10 * torch.log10(pooled_mse)).item(),
         "ssim": ssim(x, y).mean().item(),
     }
+
+
+# --- Fréchet distance ---------------------------------------------------------------------------
+
+
+def psd_sqrt(cov: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance (negative round-off eigenvalues clipped)."""
+    w, v = np.linalg.eigh(cov)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def fd_gaussians(mu_a, cov_a, mu_b, cov_b, sqrt_b: Optional[np.ndarray] = None) -> float:
+    """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))  (Heusel et al. 2017, eq. 6).
+
+    Tr (S_a S_b)^(1/2) = Tr (S_b^(1/2) S_a S_b^(1/2))^(1/2), the sum of the square roots of
+    the eigenvalues of a symmetric matrix: exact, and with S_b^(1/2) of a fixed reference
+    computed once, fast enough for a bootstrap."""
+    root = psd_sqrt(cov_b) if sqrt_b is None else sqrt_b
+    w = np.linalg.eigvalsh(root @ cov_a @ root)
+    return float(
+        ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(w, 0, None)).sum()
+    )
+
+
+def mean_cov(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    f = np.asarray(features, np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """FD between Gaussians fitted to feature sets a (N, D) and b (M, D)."""
+    return fd_gaussians(*mean_cov(a), *mean_cov(b))

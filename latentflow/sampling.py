@@ -1,5 +1,11 @@
 """Sampling: seeded noise -> (guided) velocity -> ODE solver -> unscale -> VAE decode.
 
+``SamplerSettings.resolve`` is the one place where a sampler's settings are worked out:
+what the caller asked for, the model's own settings for the rest, and the rule that a draw
+without labels is unconditional (guidance scale 0). ``labels_for`` is the one reading of
+"which classes": numbers, class names, ``all`` or ``none``. The pipeline, ``sample``,
+``evaluate``, the per-epoch grid and evaluation during training all go through both.
+
 Classifier-free guidance (Ho & Salimans 2022) is a thin wrapper around the velocity:
 ``v = v_uncond + s (v_cond - v_uncond)`` over all latent channels. ``s = 1`` is exactly
 the conditional velocity and ``s = 0`` the unconditional one; both skip the second pass.
@@ -8,20 +14,150 @@ the conditional velocity and ``s = 0`` the unconditional one; both skip the seco
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable, ContextManager, List, Optional, Sequence
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .config import SamplerConfig
-from .solvers import integrate
+from .data import to_uint8
+from .errors import LatentflowError
+from .solvers import SOLVERS, integrate
 from .vae import FrozenVAE
 
-__all__ = ["SampleResult", "guided_velocity", "sample_images", "to_uint8"]
+__all__ = [
+    "PIPELINE_NAMES",
+    "SampleResult",
+    "SamplerSettings",
+    "guided_velocity",
+    "labels_for",
+    "sample_images",
+    "to_uint8",
+]
 
 _DEFAULTS = SamplerConfig()  # the one place sampler defaults live
+
+# What the pipeline's keywords call each setting; commands pass their flags' names instead,
+# so that an error names what the caller typed.
+PIPELINE_NAMES = {
+    "solver": "solver",
+    "steps": "num_inference_steps",
+    "cfg_scale": "guidance_scale",
+    "guidance_interval": "guidance_interval",
+    "atol": "atol",
+    "rtol": "rtol",
+}
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to integrate: the solver and its steps (or dopri5's tolerances), and guidance."""
+
+    solver: str = _DEFAULTS.solver
+    steps: int = _DEFAULTS.steps
+    cfg_scale: float = _DEFAULTS.cfg_scale
+    guidance_interval: Optional[List[float]] = _DEFAULTS.guidance_interval
+    atol: float = _DEFAULTS.atol
+    rtol: float = _DEFAULTS.rtol
+
+    @classmethod
+    def resolve(
+        cls, defaults: SamplerSettings, *, conditional: bool = True, names: Optional[Dict[str, str]] = None, **asked
+    ) -> SamplerSettings:
+        """``defaults`` (a model's settings) with what the caller ``asked`` for on top (None:
+        the default; an empty interval: guide the whole path), checked; without labels the
+        scale is 0. An unusable value is one ``LatentflowError`` naming it as ``names`` does."""
+        unknown = set(asked) - set(PIPELINE_NAMES)
+        if unknown:
+            raise TypeError(f"unknown sampler settings {sorted(unknown)}")
+        chosen = {k: v for k, v in asked.items() if v is not None}
+        if "guidance_interval" in chosen:
+            chosen["guidance_interval"] = list(chosen["guidance_interval"]) or None
+        settings = replace(defaults, **chosen)
+        settings.check({**PIPELINE_NAMES, **(names or {})})
+        return settings if conditional else replace(settings, cfg_scale=0.0)
+
+    def check(self, names: Dict[str, str] = PIPELINE_NAMES) -> None:
+        def bad(key, must):
+            value = getattr(self, key)
+            return LatentflowError(f"{names[key]} {value!r}: {must}")
+
+        if self.solver not in SOLVERS:
+            raise bad("solver", f"not one of {', '.join(SOLVERS)}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise bad("steps", "must be an integer >= 1")
+        if not _number(self.cfg_scale) or self.cfg_scale < 0:
+            raise bad("cfg_scale", "must be a finite number >= 0 (1 = no guidance)")
+        for key in ("atol", "rtol"):
+            if not _number(getattr(self, key)) or getattr(self, key) <= 0:
+                raise bad(key, "must be a finite number > 0")
+        interval = self.guidance_interval
+        if interval is not None and not (
+            len(interval) == 2 and all(_number(v) for v in interval) and 0.0 <= interval[0] < interval[1] <= 1.0
+        ):
+            raise bad("guidance_interval", "must be [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1")
+
+    @property
+    def tag(self) -> str:
+        """A file-name tag: ``euler-8-cfg1.5`` (plus ``-int0.1-0.9`` with an interval)."""
+        interval = self.guidance_interval
+        return f"{self.solver}-{self.steps}-cfg{self.cfg_scale:g}" + (
+            f"-int{interval[0]:g}-{interval[1]:g}" if interval else ""
+        )
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+Labels = Union[None, int, str, Sequence[Union[int, str]]]
+
+
+def labels_for(
+    spec: Labels,
+    num_images: Optional[int],
+    num_classes: int,
+    class_names: Optional[Sequence[str]] = None,
+    name: str = "class_labels",
+) -> Optional[List[int]]:
+    """One label per image, or None for unconditional images.
+
+    ``spec``: None or ``"none"`` (unconditional), ``"all"`` (the classes in turn; unconditional
+    for a model without classes), a label, a class name, a list of them, or text such as
+    ``"3"``, ``"0,1,2"`` or ``"circle,square"``; a list is cycled to ``num_images`` (default:
+    its length). ``name`` is what the caller calls the argument, for the error message."""
+    if spec is None or (isinstance(spec, str) and spec.strip() == "none"):
+        return None
+    if isinstance(spec, str) and spec.strip() == "all":
+        return None if num_classes == 0 else [i % num_classes for i in range(num_images or num_classes)]
+    if isinstance(spec, str):
+        spec = [s.strip() for s in spec.split(",") if s.strip()]
+    elif isinstance(spec, (int, np.integer)):
+        spec = [spec]
+    names = list(class_names or [])
+    if num_classes == 0:
+        raise LatentflowError(f"{name} {_show(spec)}: this model is unconditional; pass none for unconditional images")
+    out = []
+    for label in spec:
+        if isinstance(label, str) and not label.lstrip("-").isdigit():
+            if label not in names:
+                known = ", ".join(names) if names else f"none named; give numbers 0..{num_classes - 1}"
+                raise LatentflowError(f"{name}: class {label!r} is not one of this model's classes ({known})")
+            label = names.index(label)
+        if not 0 <= int(label) < num_classes:
+            raise LatentflowError(f"{name}: class label {label} is out of range 0..{num_classes - 1} for this model")
+        out.append(int(label))
+    if not out:
+        raise LatentflowError(f"{name} is empty; pass none for unconditional images")
+    n = num_images or len(out)
+    return [out[i % len(out)] for i in range(n)]
+
+
+def _show(spec) -> str:
+    return ",".join(map(str, spec)) if isinstance(spec, (list, tuple)) else repr(spec)
 
 
 def guided_velocity(
@@ -58,20 +194,15 @@ def guided_velocity(
     return guided
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C)."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 @dataclass
 class SampleResult:
     images: np.ndarray  # uint8 (N, H, W, C)
     labels: np.ndarray  # int64 (N,), -1 for unconditional
     nfe: int  # velocity evaluations per batch (each counts a guided pair once)
-    latents: Optional[torch.Tensor] = None  # model-space x1 (N, c, h, w), if asked for
+    latents: Optional[torch.Tensor] = None  # model-space x1 (N, c, h, w)
     trajectory: Optional[List[np.ndarray]] = None  # decoded x_t, uint8 (N, H, W, C) per time
     times: Optional[List[float]] = None
+    settings: Optional[SamplerSettings] = None  # what the draw used, where it was resolved
 
 
 @torch.no_grad()
@@ -116,7 +247,12 @@ def sample_images(
         y = None if label_t is None else label_t[start : start + batch_size].to(device)
         with autocast():
             result = integrate(
-                guided_velocity(model, y, cfg_scale, guidance_interval), x0, solver, steps, atol=atol, rtol=rtol,
+                guided_velocity(model, y, cfg_scale, guidance_interval),
+                x0,
+                solver,
+                steps,
+                atol=atol,
+                rtol=rtol,
                 keep_trajectory=trajectory_times > 0,
             )
         nfe = max(nfe, result.nfe)

@@ -12,7 +12,7 @@ Pure math: ``velocity`` is any callable taking ``x`` of shape (B, ...) and ``t``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 

@@ -1,29 +1,25 @@
 """The 2-D toy flow: the same σ_min path and loss (``flow.cfm_loss``) and the same ODE
 solvers (``solvers.integrate``) as the image model, on points of the plane, where the whole
-flow can be watched.
+flow can be watched (``python main.py toy``).
 
-    python main.py toy --data moons          # also: checkerboard, 8gaussians
-
-A small MLP learns the velocity field in seconds on a CPU. The command writes
-``flow.gif`` (particles carried from noise at t = 0 to data at t = 1), ``field.png`` (the
-learned velocity at a few times) and ``samples.png`` (samples beside the data).
+A small MLP learns the velocity field in seconds on a CPU. The figures: ``flow.gif``
+(particles carried from noise at t = 0 to data at t = 1), ``field.png`` (the learned velocity
+at a few times) and ``samples.png`` (samples beside the data).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .flow import cfm_loss, sample_time
-from .solvers import integrate
 
-__all__ = ["TOY_DATA", "VelocityMLP", "sample_toy", "toy", "train_toy"]
+__all__ = ["TOY_DATA", "VelocityMLP", "draw_field", "draw_flow_gif", "draw_samples", "sample_toy", "train_toy"]
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -76,8 +72,13 @@ class VelocityMLP(nn.Module):
         super().__init__()
         self.freqs = nn.Parameter(torch.arange(1, time_features // 2 + 1).float() * math.pi, requires_grad=False)
         self.net = nn.Sequential(
-            nn.Linear(2 + time_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-            nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2),
+            nn.Linear(2 + time_features, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 2),
         )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -85,8 +86,14 @@ class VelocityMLP(nn.Module):
         return self.net(torch.cat([x, torch.sin(angles), torch.cos(angles)], 1))  # (B, 2)
 
 
-def train_toy(data: str = "moons", steps: int = 3000, batch_size: int = 512, lr: float = 2e-3, sigma_min: float = 1e-3,
-              seed: int = 0) -> VelocityMLP:
+def train_toy(
+    data: str = "moons",
+    steps: int = 3000,
+    batch_size: int = 512,
+    lr: float = 2e-3,
+    sigma_min: float = 1e-3,
+    seed: int = 0,
+) -> VelocityMLP:
     """Fit the velocity field of ``data`` with the conditional flow-matching loss (on one
     thread: a model this small only loses time to thread synchronisation)."""
     threads = torch.get_num_threads()
@@ -133,9 +140,11 @@ def _plane(ax, xlim, ylim, title: str) -> None:
     ax.set_title(title, fontsize=9)
 
 
-def _gif(frames, times, data, path: Path, size: int = 3) -> None:
-    from .figures import new_figure
+def draw_flow_gif(frames, times, data, path: Path, size: int = 3) -> None:
+    """Particles at each time (t = 0 noise to t = 1 data) as an animated GIF."""
     from PIL import Image
+
+    from .figures import new_figure
 
     xlim, ylim = _limits(data)
     images = []
@@ -145,12 +154,15 @@ def _gif(frames, times, data, path: Path, size: int = 3) -> None:
         _plane(ax, xlim, ylim, f"t = {t:.2f}")
         fig.tight_layout()
         fig.canvas.draw()
-        images.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]).convert("P", palette=Image.ADAPTIVE))
+        images.append(
+            Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]).convert("P", palette=Image.ADAPTIVE)
+        )
     durations = [60] * (len(images) - 1) + [1200]  # linger on the data
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
 
 
-def _field(model, data, path: Path, times=(0.0, 0.33, 0.67, 1.0)) -> None:
+def draw_field(model, data, path: Path, times=(0.0, 0.33, 0.67, 1.0)) -> None:
+    """The learned velocity field at a few times, over the data."""
     from .figures import new_figure
 
     xlim, ylim = _limits(data)
@@ -168,7 +180,8 @@ def _field(model, data, path: Path, times=(0.0, 0.33, 0.67, 1.0)) -> None:
     fig.savefig(path, format="png")
 
 
-def _samples(samples, data, path: Path, title: str) -> None:
+def draw_samples(samples, data, path: Path, title: str) -> None:
+    """Samples beside the data."""
     from .figures import new_figure
 
     xlim, ylim = _limits(data)
@@ -178,41 +191,3 @@ def _samples(samples, data, path: Path, title: str) -> None:
         _plane(ax, xlim, ylim, name)
     fig.tight_layout()
     fig.savefig(path, format="png")
-
-
-# --- the command ------------------------------------------------------------------------------
-
-
-def toy(data: str = "moons", out: Optional[Path] = None, steps: int = 3000, particles: int = 2000,
-        frames: int = 40, solver: str = "heun", ode_steps: int = 40, seed: int = 0) -> Dict:
-    """``python main.py toy``: train on 2-D ``data`` and write the GIF and the two figures
-    into ``out`` (default ``runs/toy-<data>-<timestamp>/``)."""
-    from .checkpoint import new_run_dir
-    from .runtime import atomic_file
-
-    sample_toy(data, 1)  # refuses an unknown name before any work
-    out = Path(out) if out else new_run_dir(Path("runs"), f"toy-{data}")
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    model = train_toy(data, steps, seed=seed)
-    seconds = time.perf_counter() - start
-    real = sample_toy(data, particles, torch.Generator().manual_seed(seed + 1))
-    x0 = torch.randn(particles, 2, generator=torch.Generator().manual_seed(seed + 2))
-    result = integrate(model, x0, solver, ode_steps, keep_trajectory=True)
-    pick = np.unique(np.linspace(0, len(result.trajectory) - 1, frames).round().astype(int))
-    trajectory = [result.trajectory[i].numpy() for i in pick]
-    times = [result.times[i] for i in pick]
-    written = {}
-    for name, draw in (("flow.gif", lambda p: _gif(trajectory, times, real, p)),
-                       ("field.png", lambda p: _field(model, real.numpy(), p)),
-                       ("samples.png", lambda p: _samples(result.x.numpy(), real.numpy(), p,
-                                                          f"samples ({solver} {ode_steps}, NFE {result.nfe})"))):
-        with atomic_file(out / name, "figure") as tmp:
-            draw(tmp)
-        written[name] = out / name
-    from .evaluate import frechet_distance
-
-    fd = frechet_distance(result.x.numpy(), real.numpy())
-    return {"out": out, "written": written, "train_seconds": seconds, "nfe": result.nfe, "fd": fd,
-            "summary": f"toy {data}: {steps} steps in {seconds:.1f} s; {particles} samples, {solver} {ode_steps} "
-                       f"(NFE {result.nfe}), FD to fresh data {fd:.4f} -> {out}"}

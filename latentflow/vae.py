@@ -58,11 +58,13 @@ def explain_load_error(exc: BaseException) -> str:
     import re
 
     text = " ".join(str(exc).split())
-    for pattern, say in ((r"size mismatch for ([\w.]+)", "the shape of {} differs from what config.json builds"),
-                         (r"because ([\w.]+) expected shape", "the shape of {} differs from what config.json builds"),
-                         (r"[Mm]issing key\(s\) in state_dict: \"?([\w.]+)", "the weights lack {}"),
-                         (r"keys are missing:? \[?'?([\w.]+)", "the weights lack {}"),
-                         (r"[Uu]nexpected key\(s\) in state_dict: \"?([\w.]+)", "the weights hold an unknown tensor {}")):
+    for pattern, say in (
+        (r"size mismatch for ([\w.]+)", "the shape of {} differs from what config.json builds"),
+        (r"because ([\w.]+) expected shape", "the shape of {} differs from what config.json builds"),
+        (r"[Mm]issing key\(s\) in state_dict: \"?([\w.]+)", "the weights lack {}"),
+        (r"keys are missing:? \[?'?([\w.]+)", "the weights lack {}"),
+        (r"[Uu]nexpected key\(s\) in state_dict: \"?([\w.]+)", "the weights hold an unknown tensor {}"),
+    ):
         m = re.search(pattern, text)
         if m:
             return say.format(m.group(1))
@@ -83,8 +85,10 @@ def _load_autoencoder(name: str, subfolder: Optional[str]):
         if subfolder and not (path / subfolder).is_dir():
             raise VAELoadError(f"{path} has no subfolder {subfolder!r}; fix vae.subfolder (or set it to null)")
         if not ((path / (subfolder or "")) / "config.json").is_file():
-            raise VAELoadError(f"{path / (subfolder or '')} has no config.json; it needs config.json and "
-                               "diffusion_pytorch_model.safetensors (save_pretrained writes both)")
+            raise VAELoadError(
+                f"{path / (subfolder or '')} has no config.json; it needs config.json and "
+                "diffusion_pytorch_model.safetensors (save_pretrained writes both)"
+            )
         from diffusers.utils import logging as diffusers_logging
 
         verbosity = diffusers_logging.get_verbosity()
@@ -99,7 +103,9 @@ def _load_autoencoder(name: str, subfolder: Optional[str]):
             diffusers_logging.set_verbosity(verbosity)
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")
     if looks_like_path:
-        raise VAELoadError(f"VAE directory {name} not found; pass vae.pretrained=DIR (a diffusers save_pretrained folder)")
+        raise VAELoadError(
+            f"VAE directory {name} not found; pass vae.pretrained=DIR (a diffusers save_pretrained folder)"
+        )
     try:  # already in the local Hugging Face cache?
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -130,14 +136,18 @@ class FrozenVAE:
         self.shift_factor = float(config.shift_factor or 0.0)
         self.in_channels = int(config.in_channels)
         self.latent_channels = int(config.latent_channels)
-        per_channel = getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None
+        per_channel = (
+            getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None
+        )
         if per_channel:  # (1, C, 1, 1) so that they broadcast over latents (B, C, h, w)
             try:
                 mean = torch.tensor(config.latents_mean, dtype=torch.float32).flatten()
                 std = torch.tensor(config.latents_std, dtype=torch.float32).flatten()
             except (TypeError, ValueError):
-                raise VAELoadError(f"VAE {name}: config latents_mean and latents_std must be lists of numbers, "
-                                   f"got {config.latents_mean!r} and {config.latents_std!r}") from None
+                raise VAELoadError(
+                    f"VAE {name}: config latents_mean and latents_std must be lists of numbers, "
+                    f"got {config.latents_mean!r} and {config.latents_std!r}"
+                ) from None
             for key, values in (("latents_mean", mean), ("latents_std", std)):
                 if len(values) != self.latent_channels:
                     raise VAELoadError(
@@ -155,22 +165,26 @@ class FrozenVAE:
             self._shift = torch.tensor(self.shift_factor).view(1, 1, 1, 1)
             self._scale = torch.tensor(self.scaling_factor).view(1, 1, 1, 1)
         if not (torch.isfinite(self._scale).all() and (self._scale != 0).all() and torch.isfinite(self._shift).all()):
-            raise VAELoadError(f"VAE {name}: scaling_factor {self.scaling_factor} / shift_factor {self.shift_factor} "
-                               "must be finite and the scale non-zero")
+            raise VAELoadError(
+                f"VAE {name}: scaling_factor {self.scaling_factor} / shift_factor {self.shift_factor} "
+                "must be finite and the scale non-zero"
+            )
         self.normalization = "per-channel latents_mean/latents_std" if per_channel else "scalar shift/scale"
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
         self._identity: Optional[str] = None
 
     @classmethod
-    def from_pretrained(cls, name: str, subfolder: Optional[str] = None) -> "FrozenVAE":
+    def from_pretrained(cls, name: str, subfolder: Optional[str] = None) -> FrozenVAE:
         autoencoder = _load_autoencoder(name, subfolder)
         # diffusers leaves weights that the file lacks on the meta device; say so here rather
         # than fail later with "Cannot copy out of meta tensor"
         missing = [k for k, t in (*autoencoder.named_parameters(), *autoencoder.named_buffers()) if t.is_meta]
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise VAELoadError(f"VAE {name}: its weights file lacks {missing[0]}{more}; the file is incomplete or "
-                               "belongs to another architecture (save it again with save_pretrained)")
+            raise VAELoadError(
+                f"VAE {name}: its weights file lacks {missing[0]}{more}; the file is incomplete or "
+                "belongs to another architecture (save it again with save_pretrained)"
+            )
         return cls(autoencoder, name)
 
     # --- facts ---------------------------------------------------------------------------
@@ -179,7 +193,7 @@ class FrozenVAE:
     def device(self) -> torch.device:
         return next(self.autoencoder.parameters()).device
 
-    def to(self, device) -> "FrozenVAE":
+    def to(self, device) -> FrozenVAE:
         self.autoencoder.to(device)
         return self
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = str(REPO / "experiments" / "smoke.yaml")
+SMOKE = str(REPO / "latentflow" / "experiments" / "smoke.yaml")
+EXPERIMENTS = REPO / "latentflow" / "experiments"
 
 # Never reach for the Hub in tests, and keep latent caches out of the user's home.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -24,7 +25,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 def make_tiny_vae(path: Path, in_channels: int = 1, channels=(8, 8, 8), scaling_factor=0.7, shift_factor=0.1, seed=0):
-    from latentflow.train_vae import build_autoencoder
+    from latentflow.training.vae import build_autoencoder
 
     torch.manual_seed(seed)
     vae = build_autoencoder(in_channels, channels, latent_channels=4, sample_size=32)
@@ -55,22 +56,45 @@ def _env(extra=None):
 
 def run_main(*args, cwd=None, check=True, env=None, timeout=300):
     """``python main.py ARGS`` in a subprocess, as a user runs it."""
-    proc = subprocess.run([sys.executable, str(REPO / "main.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=_env(env), timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=_env(env),
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"main.py {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"main.py {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "main.py")]
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    str(REPO / "main.py"),
+]
 
 
 def launch(*args, check=True, env=None, timeout=400):
     """``accelerate launch`` with two gloo processes on this CPU."""
     proc = subprocess.run([*LAUNCH, *map(str, args)], capture_output=True, text=True, env=_env(env), timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"launch {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"launch {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -134,7 +158,11 @@ def mount_tmpfs(path: Path, size: str):
     """Mount a real tmpfs of ``size`` at ``path`` (root can, here); skip the test otherwise.
     Returns a function that unmounts it."""
     path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                           capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("cannot mount a tmpfs here (tests/test_runtime.py injects the same write errors)")
     return lambda: subprocess.run(["umount", "-l", str(path)], capture_output=True)

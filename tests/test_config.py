@@ -7,13 +7,14 @@ from latentflow.config import ExperimentConfig, config_to_dict, load_config, sav
 from latentflow.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "latentflow" / "experiments"
 
 
 def test_default_yaml_is_the_dataclass_default():
-    assert config_to_dict(load_config(REPO / "experiments" / "default.yaml")) == config_to_dict(ExperimentConfig())
+    assert config_to_dict(load_config(EXPERIMENTS / "default.yaml")) == config_to_dict(ExperimentConfig())
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_experiment_file_loads(path):
     load_config(path)
 
@@ -89,3 +90,18 @@ def test_accelerate_config_files_parse_and_name_real_options(path):
             assert hasattr(dit, value)
     if config.fsdp_config:
         assert config.fsdp_config["fsdp_version"] == 2
+
+
+def test_built_in_experiments_are_found_by_name_from_anywhere(tmp_path, monkeypatch):
+    from latentflow.config import builtin_experiments
+
+    monkeypatch.chdir(tmp_path)
+    assert {"default", "smoke", "unet-mnist"} <= set(builtin_experiments())
+    assert load_config("smoke").name == "smoke" and load_config("smoke.yaml").name == "smoke"
+    assert load_config("experiments/smoke.yaml").name == "smoke"  # where earlier releases kept them
+    (tmp_path / "smoke.yaml").write_text("name: mine\n")
+    assert load_config("smoke.yaml").name == "mine"  # a file that exists wins
+    with pytest.raises(
+        ConfigError, match=r"config file nothing.yaml not found; .*built-in experiment \(celeba64, default"
+    ):
+        load_config("nothing.yaml")

@@ -35,7 +35,7 @@ def test_bundled_digits_split_balanced_and_disjoint():
     test = build_dataset(DataConfig(split="test"), channels=1)
     assert len(train) == 4500 and len(test) == 500
     assert train.labels.bincount().tolist() == [450] * 10 and test.labels.bincount().tolist() == [50] * 10
-    rows = lambda d: {bytes(img.numpy()) for img in d.images}  # noqa: E731
+    rows = lambda d: {bytes(img.numpy()) for img in d.images}
     assert not rows(train) & rows(test)
     x, label, index = train[7]
     assert x.shape == (1, 32, 32) and -1 <= x.min() and x.max() <= 1 and index == 7
@@ -173,7 +173,9 @@ def test_a_stray_label_does_not_size_the_model(tmp_path):
     labels = np.arange(40) % 10
     labels[7] = 100_000  # one label far beyond the others would make a 100 001-class model
     np.savez(tmp_path / "stray.npz", images=np.zeros((40, 28, 28), np.uint8), labels=labels)
-    with pytest.raises(DataError, match=r"labels run up to 100000 but only 11 distinct values occur; relabel them 0..10"):
+    with pytest.raises(
+        DataError, match=r"labels run up to 100000 but only 11 distinct values occur; relabel them 0..10"
+    ):
         build_dataset(DataConfig(source="npz", path=str(tmp_path / "stray.npz")), 1)
 
 
@@ -192,8 +194,10 @@ def test_an_image_size_that_cannot_fit_in_memory_is_refused():
         _check_memory(60_000, 3, 4096, "x.npz")
 
 
-@pytest.mark.parametrize("shape,message", [((5, 2, 2), "images are 2x2 pixels, under half"),
-                                           ((5, 40, 200), "a square centre crop would keep only 20%")])
+@pytest.mark.parametrize(
+    "shape,message",
+    [((5, 2, 2), "images are 2x2 pixels, under half"), ((5, 40, 200), "a square centre crop would keep only 20%")],
+)
 def test_arrays_that_resizing_would_distort_are_refused(tmp_path, shape, message):
     np.savez(tmp_path / "odd.npz", images=np.zeros(shape, np.uint8))
     with pytest.raises(DataError, match=message):

@@ -10,7 +10,9 @@ SIGMAS = [0.0, 1e-3, 0.1]
 @pytest.fixture
 def pair():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(5, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(5, 4, 8, 8, generator=g, dtype=torch.float64)
+    return torch.randn(5, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(
+        5, 4, 8, 8, generator=g, dtype=torch.float64
+    )
 
 
 @pytest.mark.parametrize("sigma", SIGMAS)
@@ -53,9 +55,9 @@ def test_solver_follows_the_conditional_path(pair, sigma):
 def test_loss_is_zero_for_the_exact_velocity_and_positive_otherwise(pair):
     x0, x1 = pair
     t = torch.rand(5, dtype=torch.float64)
-    exact = lambda x, t, **_: target_velocity(x0, x1, 1e-3)  # noqa: E731
+    exact = lambda x, t, **_: target_velocity(x0, x1, 1e-3)
     assert cfm_loss(exact, x0, x1, t, 1e-3).abs().max() < 1e-12
-    zero = lambda x, t, **_: torch.zeros_like(x)  # noqa: E731
+    zero = lambda x, t, **_: torch.zeros_like(x)
     loss = cfm_loss(zero, x0, x1, t, 1e-3)
     assert loss.shape == (5,)
     torch.testing.assert_close(loss, target_velocity(x0, x1, 1e-3).pow(2).flatten(1).mean(1).float())
@@ -89,7 +91,7 @@ def test_other_time_samplers(scheme):
 def test_logit_normal_concentrates_mid_path():
     t = sample_time(20_000, "logit_normal", generator=torch.Generator().manual_seed(3))
     u = sample_time(20_000, "uniform", generator=torch.Generator().manual_seed(3))
-    mid = lambda s: ((s > 0.25) & (s < 0.75)).float().mean()  # noqa: E731
+    mid = lambda s: ((s > 0.25) & (s < 0.75)).float().mean()
     assert mid(t) > mid(u) + 0.1
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from latentflow.commands import TERMINAL
 from latentflow.config import DataConfig
-from latentflow.data import FolderDataset, build_dataset, load_image
+from latentflow.data import build_dataset, load_image
 from latentflow.errors import DataError
 from latentflow.latents import LatentBatches, load_or_build_cache
 from latentflow.vae import FrozenVAE
@@ -100,12 +101,14 @@ def truncated(path, fmt):
 
 def bomb(path):
     """A PNG whose header claims 20 000 x 20 000 pixels (more than twice Pillow's limit)."""
+
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize(
@@ -114,7 +117,10 @@ def bomb(path):
         (lambda p: p.write_bytes(b""), "it is an empty file (0 bytes)"),
         (lambda p: p.write_text("<html><body>Not found</body></html>"), "it is not an image Pillow can read"),
         (lambda p: truncated(p, "PNG"), "it is damaged or unreadable"),
-        (lambda p: truncated(p.with_suffix(".jpg"), "JPEG") or p.with_suffix(".jpg").rename(p), "it is damaged or unreadable"),
+        (
+            lambda p: truncated(p.with_suffix(".jpg"), "JPEG") or p.with_suffix(".jpg").rename(p),
+            "it is damaged or unreadable",
+        ),
         (bomb, "it is too large to decode safely"),
         (lambda p: p.symlink_to(p.parent / "nowhere.png"), "it is damaged or unreadable"),
     ],
@@ -140,11 +146,13 @@ def test_skip_bad_images_counts_them_and_stops_past_the_fraction(tmp_path, tiny_
     vae = FrozenVAE.from_pretrained(str(tiny_vae_dir))
     ds = build_dataset(folder_cfg(root, image_size=32), channels=1)
     lenient = folder_cfg(root, image_size=32, skip_bad_images=True, max_bad_fraction=0.2, decode_workers=2)
-    cache, _ = load_or_build_cache(vae, ds, tmp_path / "cache", accelerator, data_cfg=lenient)
+    cache, _ = load_or_build_cache(vae, ds, tmp_path / "cache", accelerator, data_cfg=lenient, console=TERMINAL)
     out = capsys.readouterr().out
     assert "skipped 2 bad file(s) of 22 (9.09%)" in out and "empty.jpg: it is an empty file" in out
     assert len(cache) == 20 and torch.equal(cache.labels, ds.labels[cache.indices])
-    again, _ = load_or_build_cache(vae, ds, tmp_path / "cache", accelerator, data_cfg=lenient)  # warm: said again
+    again, _ = load_or_build_cache(
+        vae, ds, tmp_path / "cache", accelerator, data_cfg=lenient, console=TERMINAL
+    )  # warm: said again
     assert "using latent cache" in capsys.readouterr().out and len(again.bad_files) == 2
     strict = folder_cfg(root, image_size=32, skip_bad_images=True, max_bad_fraction=0.05)
     with pytest.raises(DataError, match=r"2 of 22 files of .* are bad \(9.1%, more than data.max_bad_fraction=0.05\)"):
@@ -212,9 +220,24 @@ def test_the_rgb_experiment_runs_on_a_folder_with_a_tiny_vae(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(24):
         Image.fromarray(rng.integers(0, 255, (80, 70, 3), dtype=np.uint8)).save(root / f"{i:06d}.jpg")
-    proc = run_main("--config", str(SMOKE).replace("smoke.yaml", "celeba64.yaml"), "--set", f"vae.pretrained={vae_dir}",
-                    "--set", f"data.path={root}", "--set", "train.epochs=1", "--set", "model.name=DiT-Nano/2",
-                    "--set", "train.batch_size=8", "--set", "sampler.steps=2", "--output-dir", tmp_path / "runs")
+    proc = run_main(
+        "--config",
+        str(SMOKE).replace("smoke.yaml", "celeba64.yaml"),
+        "--set",
+        f"vae.pretrained={vae_dir}",
+        "--set",
+        f"data.path={root}",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "model.name=DiT-Nano/2",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "sampler.steps=2",
+        "--output-dir",
+        tmp_path / "runs",
+    )
     run = next((tmp_path / "runs").iterdir())
     assert "on 24 latents (4, 16, 16)" in proc.stdout
     grid = np.asarray(Image.open(run / "figures" / "final.png"))

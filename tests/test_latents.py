@@ -2,20 +2,18 @@ import json
 import mmap
 import signal
 import subprocess
-import sys
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from latentflow.commands import TERMINAL
 from latentflow.config import DataConfig, VAEConfig
 from latentflow.data import build_dataset
 from latentflow.errors import DataError
 from latentflow.latents import LatentBatches, cache_metadata, load_or_build_cache
 from latentflow.vae import FrozenVAE
-from tests.conftest import LAUNCH, REPO, SMOKE, make_tiny_vae, run_main
+from tests.conftest import LAUNCH, SMOKE, make_tiny_vae, run_main
 
 
 @pytest.fixture
@@ -29,9 +27,12 @@ def shards(vae_cfg_size=16):
 
 def test_cache_pairs_latents_with_their_labels_in_any_order(tmp_path, tiny_vae_dir, dataset, accelerator):
     vae = FrozenVAE.from_pretrained(str(tiny_vae_dir))
-    cache, root = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards())
+    cache, root = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards(), console=TERMINAL)
     assert sorted(p.name for p in root.iterdir() if p.suffix == ".safetensors") == [
-        "shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors"]  # 16 + 16 + 8
+        "shard_00000.safetensors",
+        "shard_00001.safetensors",
+        "shard_00002.safetensors",
+    ]  # 16 + 16 + 8
     index = torch.randperm(40, generator=torch.Generator().manual_seed(0))
     mean, std, labels = cache.gather(index)
     assert torch.equal(labels, dataset.labels[cache.indices[index]]) and torch.equal(cache.indices, torch.arange(40))
@@ -43,7 +44,7 @@ def test_cache_pairs_latents_with_their_labels_in_any_order(tmp_path, tiny_vae_d
 
 def test_shards_are_memory_mapped(tmp_path, tiny_vae_dir, dataset, accelerator):
     vae = FrozenVAE.from_pretrained(str(tiny_vae_dir))
-    cache, _ = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards())
+    cache, _ = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards(), console=TERMINAL)
     for shard in cache.shards:
         assert isinstance(shard.moments.base, mmap.mmap)  # a view of the file, not a copy in memory
     before = cache.gather(torch.arange(40))[0]
@@ -54,13 +55,13 @@ def test_shards_are_memory_mapped(tmp_path, tiny_vae_dir, dataset, accelerator):
 
 def test_cache_is_reused_and_rebuilt_when_its_inputs_change(tmp_path, tiny_vae_dir, dataset, accelerator, capsys):
     vae = FrozenVAE.from_pretrained(str(tiny_vae_dir))
-    _, root = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards())
+    _, root = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards(), console=TERMINAL)
     assert "encoding 40 images" in capsys.readouterr().out
-    _, again = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards())
+    _, again = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards(), console=TERMINAL)
     assert again == root and "using latent cache" in capsys.readouterr().out
 
     other_vae = FrozenVAE.from_pretrained(str(make_tiny_vae(tmp_path / "v2", seed=3)))
-    _, other = load_or_build_cache(other_vae, dataset, tmp_path, accelerator, vae_cfg=shards())
+    _, other = load_or_build_cache(other_vae, dataset, tmp_path, accelerator, vae_cfg=shards(), console=TERMINAL)
     assert other != root  # another VAE never reads this cache
     other_data = build_dataset(DataConfig(max_items=30), channels=1)
     assert cache_metadata(vae, other_data)["dataset"] != cache_metadata(vae, dataset)["dataset"]
@@ -72,14 +73,16 @@ def test_cache_is_reused_and_rebuilt_when_its_inputs_change(tmp_path, tiny_vae_d
         (lambda root: (root / "shard_00001.safetensors").write_bytes(b"half-written"), "shard 1: it cannot be read"),
         ("nan", "shard 1: it holds non-finite moments"),
         ("labels", "shard 1: its labels differ from the dataset's"),
-        (lambda root: (root / "shard_00001.done").write_text(json.dumps({"rows": 3, "bad": []})),
-         "shard 1: it holds 16 rows, its marker says 3"),
+        (
+            lambda root: (root / "shard_00001.done").write_text(json.dumps({"rows": 3, "bad": []})),
+            "shard 1: it holds 16 rows, its marker says 3",
+        ),
     ],
     ids=["truncated", "nan", "labels", "marker"],
 )
 def test_a_damaged_shard_is_encoded_again(tmp_path, tiny_vae_dir, dataset, accelerator, capsys, damage, message):
     vae = FrozenVAE.from_pretrained(str(tiny_vae_dir))
-    good, root = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards())
+    good, root = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards(), console=TERMINAL)
     expected = good.mean
     path = root / "shard_00001.safetensors"
     if damage in ("nan", "labels"):
@@ -92,19 +95,19 @@ def test_a_damaged_shard_is_encoded_again(tmp_path, tiny_vae_dir, dataset, accel
     else:
         damage(root)
     capsys.readouterr()
-    cache, _ = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards())
+    cache, _ = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards(), console=TERMINAL)
     assert f"encoding 1 shard(s) again ({message}" in capsys.readouterr().out
     assert torch.equal(cache.mean, expected)
 
 
 def test_a_stale_manifest_is_rebuilt(tmp_path, tiny_vae_dir, dataset, accelerator, capsys):
     vae = FrozenVAE.from_pretrained(str(tiny_vae_dir))
-    _, root = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards())
+    _, root = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards(), console=TERMINAL)
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["metadata"]["image_shape"] = "[1, 64, 64]"
     (root / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
-    cache, _ = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards())
+    cache, _ = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards(), console=TERMINAL)
     out = capsys.readouterr().out
     assert "its manifest does not match; encoding it again" in out and "encoding 40 images" in out and len(cache) == 40
 
@@ -135,7 +138,7 @@ def test_half_precision_storage_and_its_error(tmp_path, tiny_vae_dir, dataset, a
 
 def test_batches_are_seeded_sharded_and_a_pure_function_of_the_step(tiny_vae_dir, dataset, tmp_path, accelerator):
     vae = FrozenVAE.from_pretrained(str(tiny_vae_dir))
-    cache, _ = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards())
+    cache, _ = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards(), console=TERMINAL)
     ranks = [LatentBatches(cache, batch_size=4, num_processes=2, rank=r, grad_accum=2, seed=3) for r in (0, 1)]
     assert ranks[0].iterations_per_epoch == 40 // (4 * 2 * 2)
     for epoch in (0, 1):
@@ -169,11 +172,19 @@ def test_an_interrupted_encode_resumes_at_the_unfinished_shards(tmp_path):
 def test_two_processes_encode_the_same_cache_as_one(tmp_path):
     one = run_main(*ENCODE, env={"LATENTFLOW_CACHE": str(tmp_path / "one"), "OMP_NUM_THREADS": "1"})
     assert "1 process(es)" in one.stdout
-    two = subprocess.run([*LAUNCH, *ENCODE], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "LATENTFLOW_CACHE": str(tmp_path / "two")})
+    two = subprocess.run(
+        [*LAUNCH, *ENCODE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "LATENTFLOW_CACHE": str(tmp_path / "two")},
+    )
     assert two.returncode == 0, two.stderr
     assert "2 process(es)" in two.stdout
-    a, b = sorted((tmp_path / "one").glob("*/shard_*.safetensors")), sorted((tmp_path / "two").glob("*/shard_*.safetensors"))
+    a, b = (
+        sorted((tmp_path / "one").glob("*/shard_*.safetensors")),
+        sorted((tmp_path / "two").glob("*/shard_*.safetensors")),
+    )
     assert len(a) == len(b) == 5
     for x, y in zip(a, b):
         tx, ty = load_file(str(x)), load_file(str(y))

@@ -33,7 +33,8 @@ def test_the_notebook_executes_on_cpu():
     for cell in fresh.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
-    NotebookClient(fresh, timeout=900, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()  # raises on a failing cell
+    NotebookClient(
+        fresh, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()  # raises on a failing cell
     last = "".join(o.get("text", "") for o in fresh.cells[-1].outputs)
     assert "accuracy" in last and "held-out" in last

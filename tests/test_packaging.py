@@ -33,16 +33,38 @@ def test_pyproject_dependencies_match_requirements():
 
 @pytest.mark.slow
 def test_the_wheel_has_the_package_the_command_and_the_assets(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode != 0 and "No module named" in proc.stderr:
         pytest.skip(f"cannot build here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr
     (wheel,) = tmp_path.glob("latentflow-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for expected in ("latentflow/cli.py", "latentflow/models/dit.py", "latentflow/data/folder.py",
-                     "latentflow/assets/mnist-vae/diffusion_pytorch_model.safetensors",
-                     "latentflow/assets/digit-classifier/model.safetensors"):
+    for expected in (
+        "latentflow/cli.py",
+        "latentflow/models/dit.py",
+        "latentflow/data/folder.py",
+        "latentflow/assets/mnist-vae/diffusion_pytorch_model.safetensors",
+        "latentflow/assets/digit-classifier/model.safetensors",
+        "latentflow/experiments/smoke.yaml",
+        "latentflow/commands/train.py",
+        "latentflow/training/loop.py",
+    ):
         assert expected in names, expected
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "latentflow = latentflow.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -37,7 +37,7 @@ def test_save_and_load_round_trip(pipe, tmp_path):
     loaded = LatentFlowPipeline.from_pretrained(tmp_path / "p")
     for a, b in zip(pipe.transformer.state_dict().values(), loaded.transformer.state_dict().values()):
         assert torch.equal(a, b)
-    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    gen = lambda: torch.Generator().manual_seed(3)
     a = pipe(class_labels=[3, 7], generator=gen(), output_type="np").images
     b = loaded(class_labels=[3, 7], generator=gen(), output_type="np").images
     assert a.shape == (2, 32, 32, 1) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
@@ -45,7 +45,9 @@ def test_save_and_load_round_trip(pipe, tmp_path):
 
 
 def test_call_options(pipe):
-    out = pipe(class_labels=[3, 7], num_inference_steps=2, guidance_scale=1.5, generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        class_labels=[3, 7], num_inference_steps=2, guidance_scale=1.5, generator=torch.Generator().manual_seed(0)
+    )
     assert len(out.images) == 2 and isinstance(out.images[0], Image.Image) and out.images[0].mode == "L"
     assert out.nfe == 2 and out.labels.tolist() == [3, 7]
     uncond = pipe(class_labels=None, num_images=3, solver="heun", num_inference_steps=2)
@@ -63,12 +65,32 @@ def test_call_options(pipe):
 @pytest.mark.slow
 def test_pipeline_images_equal_main_py_sample(smoke_run, tmp_path):
     _, run_dir, _ = smoke_run
-    run_main("sample", "--checkpoint", run_dir / "export", "--labels", "3,7", "--num-samples", "4", "--seed", "5",
-             "--steps", "3", "--cfg-scale", "1.5", "--out", tmp_path / "s.npz")
+    run_main(
+        "sample",
+        "--checkpoint",
+        run_dir / "export",
+        "--labels",
+        "3,7",
+        "--num-samples",
+        "4",
+        "--seed",
+        "5",
+        "--steps",
+        "3",
+        "--cfg-scale",
+        "1.5",
+        "--out",
+        tmp_path / "s.npz",
+    )
     expected = np.load(tmp_path / "s.npz")["images"]
     pipe = LatentFlowPipeline.from_pretrained(run_dir / "export")
-    out = pipe(class_labels=[3, 7], num_images=4, num_inference_steps=3, guidance_scale=1.5,
-               generator=torch.Generator().manual_seed(5))
+    out = pipe(
+        class_labels=[3, 7],
+        num_images=4,
+        num_inference_steps=3,
+        guidance_scale=1.5,
+        generator=torch.Generator().manual_seed(5),
+    )
     assert np.array_equal(np.stack([np.asarray(im) for im in out.images])[..., None], expected)
 
 
@@ -84,12 +106,25 @@ def test_an_export_of_an_earlier_release_is_still_read(smoke_run, tmp_path):
     save_file(pipe.transformer.state_dict(), str(old / "model.safetensors"))
     (old / "config.yaml").write_text((run_dir / "config.yaml").read_text())
     identity = json.loads((run_dir / "checkpoints" / "step_00000008" / "state.json").read_text())["vae"]["identity"]
-    (old / "export.json").write_text(json.dumps({"model": "DiT-Nano/2", "latent_shape": [4, 8, 8], "num_classes": 10,
-                                                 "vae": "embedded", "vae_identity": identity, "epoch": 2, "step": 8}))
+    (old / "export.json").write_text(
+        json.dumps(
+            {
+                "model": "DiT-Nano/2",
+                "latent_shape": [4, 8, 8],
+                "num_classes": 10,
+                "vae": "embedded",
+                "vae_identity": identity,
+                "epoch": 2,
+                "step": 8,
+            }
+        )
+    )
     converted = load_pipeline(old)
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    assert np.array_equal(converted(class_labels=[1, 2], generator=gen(), output_type="np").images,
-                          pipe(class_labels=[1, 2], generator=gen(), output_type="np").images)
+    gen = lambda: torch.Generator().manual_seed(0)
+    assert np.array_equal(
+        converted(class_labels=[1, 2], generator=gen(), output_type="np").images,
+        pipe(class_labels=[1, 2], generator=gen(), output_type="np").images,
+    )
     run_main("export", "--checkpoint", old, "--out", tmp_path / "new")  # and converted to the new format
     assert (tmp_path / "new" / "model_index.json").is_file()
 
@@ -113,7 +148,9 @@ def test_a_changed_vae_or_diverged_weights_are_refused(smoke_run, tmp_path):
     with torch.no_grad():
         auto.decoder.conv_out.bias.add_(0.1)  # "regenerated in place"
     auto.save_pretrained(vae)
-    with pytest.raises(CheckpointError, match=r"was trained with VAE embedded@\w+ but .*/vae is now vae@\w+; restore that VAE"):
+    with pytest.raises(
+        CheckpointError, match=r"was trained with VAE embedded@\w+ but .*/vae is now vae@\w+; restore that VAE"
+    ):
         load_pipeline(run)
     from safetensors.torch import load_file, save_file
 

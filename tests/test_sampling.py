@@ -4,7 +4,7 @@ import torch
 
 from latentflow.models import create_model
 from latentflow.sampling import guided_velocity, sample_images
-from latentflow.train import drop_labels
+from latentflow.training.objective import drop_labels
 from latentflow.vae import FrozenVAE
 
 
@@ -38,7 +38,9 @@ def test_guidance_scale_zero_is_the_unconditional_velocity(model, inputs):
 def test_guidance_extrapolates_from_unconditional_to_conditional(model, inputs, scale):
     x, t, y = inputs
     cond, uncond = model(x, t, y), model(x, t, None)
-    torch.testing.assert_close(guided_velocity(model, y, scale)(x, t), uncond + scale * (cond - uncond), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        guided_velocity(model, y, scale)(x, t), uncond + scale * (cond - uncond), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_guidance_interval_guides_only_inside_it(model, inputs):
@@ -71,3 +73,47 @@ def test_samples_depend_on_the_seed_only(model, tiny_vae_dir):
     assert a.nfe == 3 and a.labels.tolist() == [1, 2, 3, 4, 5]
     unconditional = sample_images(model, vae, (4, 8, 8), None, 3, **kw)
     assert unconditional.labels.tolist() == [-1, -1, -1]
+
+
+def test_settings_resolve_against_the_models_and_name_the_callers_flag():
+    from latentflow.errors import LatentflowError
+    from latentflow.sampling import SamplerSettings
+
+    model = SamplerSettings(solver="euler", steps=8, cfg_scale=1.5, guidance_interval=[0.1, 0.9])
+    s = SamplerSettings.resolve(model, steps=4)
+    assert (s.solver, s.steps, s.cfg_scale, s.guidance_interval) == ("euler", 4, 1.5, [0.1, 0.9])
+    assert SamplerSettings.resolve(model, guidance_interval=[]).guidance_interval is None  # the whole path
+    assert SamplerSettings.resolve(model, conditional=False).cfg_scale == 0.0  # no labels: unconditional
+    assert s.tag == "euler-4-cfg1.5-int0.1-0.9"
+    with pytest.raises(LatentflowError, match="num_inference_steps 0: must be an integer >= 1"):
+        SamplerSettings.resolve(model, steps=0)
+    with pytest.raises(LatentflowError, match="--steps 0: must be an integer >= 1"):
+        SamplerSettings.resolve(model, steps=0, names={"steps": "--steps"})
+    with pytest.raises(LatentflowError, match="solver '../../x': not one of euler"):
+        SamplerSettings.resolve(model, solver="../../x")
+    with pytest.raises(LatentflowError, match=r"guidance_interval \[0.9, 0.1\]: must be \[t_lo, t_hi\]"):
+        SamplerSettings.resolve(model, guidance_interval=[0.9, 0.1])
+    with pytest.raises(LatentflowError, match="guidance_scale inf: must be a finite number >= 0"):
+        SamplerSettings.resolve(model, cfg_scale=float("inf"))
+
+
+def test_labels_are_read_one_way_everywhere():
+    from latentflow.errors import LatentflowError
+    from latentflow.sampling import labels_for
+
+    names = ["circle", "square", "triangle"]
+    assert labels_for("all", 5, 3) == [0, 1, 2, 0, 1]
+    assert labels_for(None, 5, 3) is None and labels_for("none", 5, 3) is None
+    assert labels_for("2", 3, 3) == [2, 2, 2] and labels_for("0,2", 4, 3) == [0, 2, 0, 2]
+    assert labels_for([1, "triangle"], None, 3, names) == [1, 2]
+    assert labels_for("square,circle", 3, 3, names) == [1, 0, 1]  # class names on the command line too
+    assert labels_for("all", 4, 0) is None  # a model without classes
+    with pytest.raises(
+        LatentflowError,
+        match=r"--labels: class 'hexagon' is not one of this model's classes \(circle, square, triangle\)",
+    ):
+        labels_for("hexagon", 1, 3, names, name="--labels")
+    with pytest.raises(LatentflowError, match="class label 7 is out of range 0..2"):
+        labels_for([7], 1, 3)
+    with pytest.raises(LatentflowError, match="this model is unconditional"):
+        labels_for("1", 1, 0)

@@ -13,9 +13,7 @@ def poly(degree):
     return lambda x, t: (degree + 1) * t.reshape(-1, 1) ** degree * torch.ones_like(x)
 
 
-@pytest.mark.parametrize(
-    "solver,exact_degree", [("euler", 0), ("midpoint", 1), ("heun", 1), ("rk4", 3)]
-)
+@pytest.mark.parametrize("solver,exact_degree", [("euler", 0), ("midpoint", 1), ("heun", 1), ("rk4", 3)])
 def test_exact_on_polynomials_of_their_order(solver, exact_degree):
     for d in range(exact_degree + 1):
         out = integrate(poly(d), x0, solver, steps=3).x

@@ -3,18 +3,22 @@ import pytest
 import torch
 from PIL import Image
 
-from latentflow.toy import TOY_DATA, sample_toy, toy, train_toy
+from latentflow.commands.toy import toy
+from latentflow.toy import TOY_DATA, sample_toy, train_toy
 
 
 @pytest.mark.parametrize("name", sorted(TOY_DATA))
 def test_toy_data_shapes_and_seeds(name):
-    a, b = sample_toy(name, 500, torch.Generator().manual_seed(1)), sample_toy(name, 500, torch.Generator().manual_seed(1))
+    a, b = (
+        sample_toy(name, 500, torch.Generator().manual_seed(1)),
+        sample_toy(name, 500, torch.Generator().manual_seed(1)),
+    )
     assert a.shape == (500, 2) and torch.equal(a, b) and a.abs().max() < 4
 
 
 def test_the_flow_learns_the_data():
     """A few hundred steps already carry noise most of the way to the 8 Gaussians."""
-    from latentflow.evaluate import frechet_distance
+    from latentflow.metrics import frechet_distance
     from latentflow.solvers import integrate
 
     model = train_toy("8gaussians", steps=400)

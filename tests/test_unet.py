@@ -50,8 +50,19 @@ def test_a_unet_trains_samples_and_exports_through_main_py(tmp_path):
     run_main("--config", SMOKE, "--set", "model.name=UNet-S", "--set", "train.epochs=1", "--output-dir", tmp_path)
     run = the_run(tmp_path)
     assert log_records(run, "epoch")[0]["step"] == 4
-    proc = run_main("sample", "--checkpoint", run, "--labels", "0,1", "--num-samples", "4", "--cfg-scale", "2",
-                    "--out", tmp_path / "s.png")
+    proc = run_main(
+        "sample",
+        "--checkpoint",
+        run,
+        "--labels",
+        "0,1",
+        "--num-samples",
+        "4",
+        "--cfg-scale",
+        "2",
+        "--out",
+        tmp_path / "s.png",
+    )
     assert "NFE 2" in proc.stdout
     index = (run / "export" / "model_index.json").read_text()
     assert '"latentflow.models.unet"' in index and '"UNet"' in index

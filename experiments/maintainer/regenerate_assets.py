@@ -16,14 +16,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from latentflow.classifier import CLASSIFIER_DIR, train_classifier  # noqa: E402
-from latentflow.train_vae import VAETrainArgs, train_vae  # noqa: E402
-from latentflow.vae import EMBEDDED_VAE  # noqa: E402
+from latentflow.commands.train_classifier import train_classifier
+from latentflow.commands.train_vae import train_vae
+from latentflow.evaluation.features import CLASSIFIER_DIR
+from latentflow.training.vae import VAETrainArgs
+from latentflow.vae import EMBEDDED_VAE
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("asset", choices=("vae", "classifier"), help="which shipped asset to regenerate")
     p.add_argument("--yes", action="store_true", help="confirm that the shipped asset is to be replaced")
     args = p.parse_args()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -47,7 +47,9 @@ __all__ = [
     "load_npz",
     "read_idx",
     "to_model_images",
+    "to_uint8",
 ]
+
 
 class ImageDataset(Dataset):
     """uint8 images (N, C, S, S) held in memory, with int64 labels (N,)."""
@@ -77,6 +79,13 @@ class ImageDataset(Dataset):
 
 
 # --- preprocessing ---------------------------------------------------------------------------
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images in the model's range: (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C), the
+    inverse of what the datasets yield."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def to_model_images(images: np.ndarray, image_size: int, channels: int, origin: str) -> torch.Tensor:
@@ -117,11 +126,15 @@ def _check_geometry(images: np.ndarray, size: int, origin: str) -> None:
     centre crop would drop most of them)."""
     h, w = images.shape[1:3]
     if min(h, w) * 2 < size:
-        raise DataError(f"{origin}: images are {h}x{w} pixels, under half of data.image_size={size}; "
-                        f"set data.image_size to at most {2 * min(h, w)} or use larger images")
+        raise DataError(
+            f"{origin}: images are {h}x{w} pixels, under half of data.image_size={size}; "
+            f"set data.image_size to at most {2 * min(h, w)} or use larger images"
+        )
     if max(h, w) > 4 * min(h, w):
-        raise DataError(f"{origin}: images are {h}x{w} pixels; a square centre crop would keep only "
-                        f"{min(h, w) / max(h, w):.0%} of each; crop or pad them first")
+        raise DataError(
+            f"{origin}: images are {h}x{w} pixels; a square centre crop would keep only "
+            f"{min(h, w) / max(h, w):.0%} of each; crop or pad them first"
+        )
 
 
 def _check_memory(n: int, channels: int, size: int, origin: str) -> None:
@@ -136,7 +149,6 @@ def _check_memory(n: int, channels: int, size: int, origin: str) -> None:
             f"{origin}: {n} images at data.image_size={size} need about {needed / 2**30:.1f} GB in memory, more "
             f"than half of this machine's {total / 2**30:.0f} GB; lower data.image_size or data.max_items"
         )
-
 
 
 def build_dataset(cfg: DataConfig, channels: int):

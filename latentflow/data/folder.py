@@ -35,8 +35,25 @@ from ..errors import DataError
 __all__ = ["FolderDataset", "load_image"]
 
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
-_NOT_IMAGES = {".txt", ".csv", ".json", ".md", ".yaml", ".yml", ".xml", ".py", ".ipynb", ".zip", ".tar", ".gz",
-               ".npz", ".npy", ".pt", ".safetensors", ".pdf"}
+_NOT_IMAGES = {
+    ".txt",
+    ".csv",
+    ".json",
+    ".md",
+    ".yaml",
+    ".yml",
+    ".xml",
+    ".py",
+    ".ipynb",
+    ".zip",
+    ".tar",
+    ".gz",
+    ".npz",
+    ".npy",
+    ".pt",
+    ".safetensors",
+    ".pdf",
+}
 
 
 class BadImage(Exception):
@@ -68,7 +85,9 @@ def load_image(path: Path, size: int, channels: int, background: str = "white") 
     except UnidentifiedImageError:
         raise BadImage("it is not an image Pillow can read (text or HTML saved under an image name?)") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated data, unreadable file
-        raise BadImage(f"it is damaged or unreadable ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+        raise BadImage(
+            f"it is damaged or unreadable ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+        ) from None
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale -> 8 bits
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).round().astype(np.uint8))
@@ -91,8 +110,14 @@ class FolderDataset(Dataset):
     """Image files of a folder, decoded on access; items are (image in [-1, 1] (C, S, S),
     label, index, reason) with reason "" for a good file."""
 
-    def __init__(self, root: Path, image_size: int, channels: int, background: str = "white",
-                 class_names: Optional[List[str]] = None):
+    def __init__(
+        self,
+        root: Path,
+        image_size: int,
+        channels: int,
+        background: str = "white",
+        class_names: Optional[List[str]] = None,
+    ):
         self.root, self.image_size, self.channels, self.background = Path(root), image_size, channels, background
         self.origin = str(root)
         self.files, labels, self.class_names, self.ignored = self._scan(class_names)
@@ -163,7 +188,7 @@ class FolderDataset(Dataset):
         except BadImage as exc:
             array = np.zeros((self.image_size, self.image_size, self.channels), np.uint8)
             reason = str(exc)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's, not the run's
+        except Exception as exc:
             array = np.zeros((self.image_size, self.image_size, self.channels), np.uint8)
             reason = f"it cannot be decoded ({type(exc).__name__}: {str(exc)[:120]})"
         x = torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1.0  # (C, S, S) in [-1, 1]

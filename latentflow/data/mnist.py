@@ -17,10 +17,18 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DataError
-from ..runtime import atomic_file
+from ..files import atomic_file
 
-__all__ = ["BUNDLED_TEST_PER_CLASS", "MNIST_FILES", "MNIST_MD5", "MNIST_MIRRORS", "bundled_mnist", "download_mnist",
-           "idx_mnist", "read_idx"]
+__all__ = [
+    "BUNDLED_TEST_PER_CLASS",
+    "MNIST_FILES",
+    "MNIST_MD5",
+    "MNIST_MIRRORS",
+    "bundled_mnist",
+    "download_mnist",
+    "idx_mnist",
+    "read_idx",
+]
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -12,6 +12,7 @@ from ..errors import DataError
 
 __all__ = ["load_npz"]
 
+
 def load_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, int]:
     """-> images uint8, labels int64 (zeros if absent), num_classes (0 if unlabelled)."""
     if path.is_dir():
@@ -19,14 +20,18 @@ def load_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, int]:
     if not path.is_file():
         raise DataError(f"npz file {path} not found; check data.path")
     if not zipfile.is_zipfile(path):
-        raise DataError(f"{path}: not an .npz file (not a zip archive); write it with numpy.savez(path, images=..., labels=...)")
+        raise DataError(
+            f"{path}: not an .npz file (not a zip archive); write it with numpy.savez(path, images=..., labels=...)"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except ValueError as exc:
         if "pickle" in str(exc):
-            raise DataError(f"{path}: holds Python objects (pickled) that are not loaded for safety; save plain "
-                            "arrays: numpy.savez(path, images=uint8 array, labels=integer array)") from None
+            raise DataError(
+                f"{path}: holds Python objects (pickled) that are not loaded for safety; save plain "
+                "arrays: numpy.savez(path, images=uint8 array, labels=integer array)"
+            ) from None
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
     except Exception as exc:  # zipfile and value errors all mean "not a usable npz"
         raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
@@ -41,7 +46,9 @@ def load_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, int]:
         return images, np.zeros(len(images), dtype=np.int64), 0
     labels = arrays["labels"]
     if labels.ndim != 1 or len(labels) != len(images):
-        raise DataError(f"{path}: 'labels' has shape {labels.shape} for {len(images)} images; expected ({len(images)},)")
+        raise DataError(
+            f"{path}: 'labels' has shape {labels.shape} for {len(images)} images; expected ({len(images)},)"
+        )
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{path}: 'labels' has dtype {labels.dtype}; expected integers 0..K-1")
     if labels.min() < 0:

@@ -49,10 +49,16 @@ class UNet(ModelMixin, ConfigMixin):
         down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels]
         up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels)]
         self.unet = UNet2DModel(
-            sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
-            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-            down_block_types=tuple(down), up_block_types=tuple(up), attention_head_dim=attention_head_dim,
-            norm_num_groups=min(32, min(block_out_channels) // 4), num_class_embeds=num_classes + 1,
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            down_block_types=tuple(down),
+            up_block_types=tuple(up),
+            attention_head_dim=attention_head_dim,
+            norm_num_groups=min(32, min(block_out_channels) // 4),
+            num_class_embeds=num_classes + 1,
         )
         nn.init.zeros_(self.unet.conv_out.weight)  # zero velocity at the start
         nn.init.zeros_(self.unet.conv_out.bias)

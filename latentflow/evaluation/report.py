@@ -1,0 +1,58 @@
+"""Scoring samples: FD with its spread against each reference, the matched floor, and class
+accuracy where the feature net predicts classes."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import numpy as np
+
+from ..errors import LatentflowError
+from .fd import fd_with_spread, matched_fd
+
+__all__ = ["evaluate_images", "summary_line"]
+
+
+def evaluate_images(images: np.ndarray, labels: np.ndarray, net, references: List[Dict]) -> Dict:
+    """Score uint8 samples (N, H, W, C) against each reference
+    ``{"name", "stats": FDStats, "floor": features of held-out real images or None, "floor_of": str}``;
+    class accuracy where the net predicts classes and the samples are labelled."""
+    features, predictions = net.run(images)
+    result = {"num_samples": len(images), "feature_net": net.identity, "references": {}}
+    if predictions is not None and (labels >= 0).all():
+        result["accuracy"] = float((predictions == labels).mean())
+    for ref in references:
+        stats = ref["stats"]
+        if stats.feature_net != net.identity:
+            raise LatentflowError(
+                f"reference {ref['name']!r} was computed with {stats.feature_net}, not {net.identity}; "
+                "compute it again with `python main.py fd-stats`"
+            )
+        fd, std = fd_with_spread(features, stats)
+        entry = {"description": stats.description, "reference_images": stats.n, "fd": fd, "fd_std": std}
+        if ref.get("floor") is not None:  # both at the same size: the smaller of the two sets
+            n = min(len(features), len(ref["floor"]))
+            matched, floor = matched_fd(features, stats, n), matched_fd(ref["floor"], stats, n)
+            entry.update(
+                floor={**floor, "of": ref["floor_of"]},
+                matched=matched,
+                ratio=matched["fd"] / floor["fd"] if floor["fd"] > 0 else None,
+            )
+        result["references"][ref["name"]] = entry
+    return result
+
+
+def summary_line(result: Dict) -> str:
+    parts = []
+    if "accuracy" in result:
+        parts.append(f"accuracy {result['accuracy']:.2%}")
+    for name, r in result["references"].items():
+        text = f"{name}: FD {r['fd']:.3f} ± {r['fd_std']:.3f}"
+        if "floor" in r:
+            m, f = r["matched"], r["floor"]
+            text += (
+                f" (at {m['n']}: {m['fd']:.3f} ± {m['std']:.3f} vs floor {f['fd']:.3f} ± {f['std']:.3f}: "
+                f"{r['ratio']:.2f}x)"
+            )
+        parts.append(text)
+    return "  |  ".join(parts)
