@@ -1,13 +1,14 @@
-"""Sampler sweep: FD (with its spread and the real-data floor) and class accuracy of one
-trained model against the number of velocity evaluations (NFE) for every solver, and against
-the guidance scale and guidance interval, with the same noise and labels throughout.
+"""Sampler sweep: FD to the MNIST test set (with its spread, and as a multiple of the model's
+own training data at the same size), precision, recall, class accuracy and the latent
+distance from the ODE's converged solution, against the number of velocity evaluations
+(NFE) for every solver, and against the guidance scale and interval; the same noise and
+labels throughout.
 
-    python experiments/fd_vs_nfe.py --checkpoint runs/NAME --num-samples 5000
+    python experiments/fd_vs_nfe.py --checkpoint runs/NAME --num-samples 10000
 
 (default output: runs/fd_vs_nfe-<timestamp>/fd_vs_nfe.png; an existing --out needs
 --overwrite). Writes the figure, a JSON of every point, and a Markdown table (printed and
-saved beside the figure). FD is against the training set's statistics; "x floor" compares
-FD at the floor's sample size with the FD of held-out real digits at that size.
+saved beside the figure).
 """
 
 import argparse
@@ -18,13 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 
 from latentflow.evaluation import evaluate_images, feature_net, references_for_run
+from latentflow.evaluation.solver import converged_latents, solver_error
+from latentflow.figures import new_figure
 from latentflow.pipeline import load_pipeline
 
 SOLVER_GRID = {
@@ -38,13 +37,139 @@ GUIDANCE_GRID = [1.0, 1.25, 1.5, 2.0, 3.0]
 INTERVALS = [None, (0.0, 0.7), (0.1, 0.8), (0.3, 1.0)]
 
 
+class Sweep:
+    def __init__(self, args):
+        self.args = args
+        self.pipe, cfg, _ = load_pipeline(args.checkpoint, with_info=True)
+        channels = int(self.pipe.vae.config.in_channels)
+        self.net = feature_net("auto", cfg.data, channels, cfg.data.image_size)
+        self.references = references_for_run(cfg.data, self.net, channels)[:1]  # the MNIST test set
+        self.labels = [i % self.pipe.num_classes for i in range(args.num_samples)]
+        self.converged = {}  # (scale, interval) -> latents of the first --error-samples
+        self.rows = []
+
+    def reference_latents(self, scale, interval):
+        key = (scale, tuple(interval) if interval else None)
+        if key not in self.converged:
+            self.converged[key] = converged_latents(
+                self.pipe, self.labels, self.args.error_samples, self.args.seed, scale, interval
+            )[0]
+        return self.converged[key]
+
+    def point(self, kind, solver, setting, scale, interval):
+        kw = dict(atol=setting, rtol=setting) if solver == "dopri5" else dict(steps=setting)
+        start = time.perf_counter()
+        res = self.pipe.draw(
+            self.labels,
+            len(self.labels),
+            solver=solver,
+            cfg_scale=scale,
+            guidance_interval=list(interval) if interval else [],
+            generator=torch.Generator().manual_seed(self.args.seed),
+            **kw,
+        )
+        seconds = time.perf_counter() - start
+        m = evaluate_images(res.images, res.labels, self.net, self.references)
+        r, pr = next(iter(m["references"].values())), m["precision_recall"]
+        error = solver_error(res.latents, self.reference_latents(scale, interval))
+        row = {
+            "sweep": kind,
+            "solver": solver,
+            "setting": setting,
+            "nfe": res.nfe,
+            "cfg_scale": scale,
+            "interval": list(interval) if interval else None,
+            "fd": r["fd"],
+            "fd_std": r["fd_std"],
+            "matched_fd": r["matched"]["fd"],
+            "floor": r["floor"]["fd"],
+            "floor_n": r["floor"]["n"],
+            "ratio": r["ratio"],
+            "precision": pr["precision"],
+            "recall": pr["recall"],
+            "accuracy": m["accuracy"],
+            "latent_rms_error": error["rms"],
+            "seconds": round(seconds, 1),
+        }
+        self.rows.append(row)
+        print(
+            f"{kind:8s} {solver:8s} {setting:<7g} NFE {res.nfe:3d} cfg {scale:<4g} int {str(row['interval']):12s} "
+            f"FD {row['fd']:.3f} ± {row['fd_std']:.3f}  x{row['ratio']:.2f}  P {row['precision']:.3f} "
+            f"R {row['recall']:.3f}  acc {row['accuracy']:.2%}  err {error['rms']:.4f}  {seconds:.0f} s",
+            flush=True,
+        )
+
+
+def draw(rows, path: Path, title: str, solver: str, steps: int) -> None:
+    fig, axes = new_figure(1, 4, figsize=(18, 3.8), dpi=110)
+    for s_name in SOLVER_GRID:
+        pts = [r for r in rows if r["sweep"] == "solver" and r["solver"] == s_name]
+        nfe = [r["nfe"] for r in pts]
+        axes[0].errorbar(
+            nfe, [r["fd"] for r in pts], yerr=[r["fd_std"] for r in pts], marker="o", ms=3, capsize=2, label=s_name
+        )
+        axes[1].plot(nfe, [r["latent_rms_error"] for r in pts], "o-", ms=3, label=s_name)
+        axes[2].plot(nfe, [100 * r["accuracy"] for r in pts], "o-", ms=3, label=s_name)
+    floor = rows[0]["floor"]
+    axes[0].axhline(floor, ls="--", lw=1, color="0.4", label=f"training data ({rows[0]['floor_n']})")
+    for interval in INTERVALS:
+        want = list(interval) if interval else None
+        pts = sorted(
+            (r for r in rows if r["sweep"] == "guidance" and (r["interval"] == want or r["cfg_scale"] == 1.0)),
+            key=lambda r: r["cfg_scale"],
+        )
+        axes[3].errorbar(
+            [r["cfg_scale"] for r in pts],
+            [r["fd"] for r in pts],
+            yerr=[r["fd_std"] for r in pts],
+            marker="o",
+            ms=3,
+            capsize=2,
+            label=f"interval {interval or 'all of t'}",
+        )
+    axes[0].set_ylabel("FD to the MNIST test set")
+    axes[1].set_ylabel("latent RMS distance from the converged ODE")
+    axes[2].set_ylabel("class accuracy (%)")
+    axes[3].set_ylabel("FD to the MNIST test set")
+    for ax in axes[:3]:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("NFE (velocity evaluations; a guided pair counts once)")
+    for ax in (axes[0], axes[1], axes[3]):
+        ax.set_yscale("log")
+    axes[3].set_xlabel(f"guidance scale ({solver} {steps})")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def table(rows) -> str:
+    head = [
+        "| sweep | solver | steps / tol | NFE | guidance | interval | FD ± std | × training data | precision "
+        "| recall | accuracy | latent RMS error | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines = [
+        f"| {r['sweep']} | {r['solver']} | {r['setting']:g} | {r['nfe']} | {r['cfg_scale']:g} | "
+        f"{'all' if not r['interval'] else '–'.join(f'{v:g}' for v in r['interval'])} | "
+        f"{r['fd']:.3f} ± {r['fd_std']:.3f} | {r['ratio']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+        f"{r['accuracy']:.2%} | {r['latent_rms_error']:.4f} | {r['seconds']} |"
+        for r in rows
+    ]
+    return "\n".join(head + lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="an export, a run or a checkpoint")
-    p.add_argument("--num-samples", type=int, default=5000, help="samples per point (default 5000)")
+    p.add_argument("--num-samples", type=int, default=10000, help="samples per point (default 10000)")
+    p.add_argument("--error-samples", type=int, default=1000, help="samples for the latent error (default 1000)")
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance of the solver sweep (default: the model's)")
     p.add_argument("--solver", default=None, help="solver of the guidance sweep (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="steps of the guidance sweep (default: the model's)")
+    p.add_argument("--only", choices=("solver", "guidance"), default=None, help="run one of the two sweeps")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     p.add_argument(
         "--out", type=Path, default=None, help="figure path (default: runs/fd_vs_nfe-<timestamp>/fd_vs_nfe.png)"
@@ -57,131 +182,27 @@ def main() -> None:
         args.out = new_run_dir(Path("runs"), "fd_vs_nfe") / "fd_vs_nfe.png"
     elif args.out.exists() and not args.overwrite:
         sys.exit(f"error: {args.out} already exists; choose another --out or pass --overwrite")
-
-    pipe, cfg, _ = load_pipeline(args.checkpoint, with_info=True)
-    c = pipe.config
-    net = feature_net("auto", cfg.data, int(pipe.vae.config.in_channels), cfg.data.image_size)
-    references = references_for_run(cfg.data, net, int(pipe.vae.config.in_channels))[:1]  # the training set
+    sweep = Sweep(args)
+    c = sweep.pipe.config
     scale = c.guidance_scale if args.cfg_scale is None else args.cfg_scale
     solver, steps = args.solver or c.solver, args.steps or c.num_inference_steps
-    labels = [i % pipe.num_classes for i in range(args.num_samples)]
-    rows = []
-
-    def point(kind, solver, setting, scale, interval):
-        kw = dict(atol=setting, rtol=setting) if solver == "dopri5" else dict(steps=setting)
-        start = time.perf_counter()
-        res = pipe.draw(
-            labels,
-            len(labels),
-            solver=solver,
-            cfg_scale=scale,
-            guidance_interval=interval or [],
-            generator=torch.Generator().manual_seed(args.seed),
-            **kw,
-        )
-        seconds = time.perf_counter() - start
-        m = evaluate_images(res.images, res.labels, net, references)
-        r = m["references"]["train"]
-        row = {
-            "sweep": kind,
-            "solver": solver,
-            "setting": setting,
-            "nfe": res.nfe,
-            "cfg_scale": scale,
-            "interval": list(interval) if interval else None,
-            "fd": r["fd"],
-            "fd_std": r["fd_std"],
-            "matched_fd": r["matched"]["fd"],
-            "matched_std": r["matched"]["std"],
-            "floor": r["floor"]["fd"],
-            "floor_std": r["floor"]["std"],
-            "ratio": r["ratio"],
-            "accuracy": m["accuracy"],
-            "seconds": round(seconds, 1),
-        }
-        rows.append(row)
-        print(
-            f"{kind:8s} {solver:8s} {setting:<7g} NFE {res.nfe:3d} cfg {scale:<4g} int {str(row['interval']):12s} "
-            f"FD {row['fd']:.3f} ± {row['fd_std']:.3f}  x{row['ratio']:.2f}  acc {row['accuracy']:.2%}  "
-            f"{seconds:.0f} s",
-            flush=True,
-        )
-
-    for s_name, settings in SOLVER_GRID.items():
-        for setting in settings:
-            point("solver", s_name, setting, scale, c.guidance_interval)
-    for g in GUIDANCE_GRID:
-        for interval in INTERVALS if g != 1.0 else [None]:
-            point("guidance", solver, steps, g, interval)
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), dpi=120)
-    for s_name in SOLVER_GRID:
-        pts = [r for r in rows if r["sweep"] == "solver" and r["solver"] == s_name]
-        axes[0].errorbar(
-            [r["nfe"] for r in pts],
-            [r["fd"] for r in pts],
-            yerr=[r["fd_std"] for r in pts],
-            marker="o",
-            ms=3,
-            capsize=2,
-            label=s_name,
-        )
-        axes[1].plot([r["nfe"] for r in pts], [100 * r["accuracy"] for r in pts], "o-", ms=3, label=s_name)
-    for interval in INTERVALS:
-        pts = [
-            r
-            for r in rows
-            if r["sweep"] == "guidance"
-            and (r["interval"] == (list(interval) if interval else None) or r["cfg_scale"] == 1.0)
-        ]
-        pts = sorted(pts, key=lambda r: r["cfg_scale"])
-        axes[2].errorbar(
-            [r["cfg_scale"] for r in pts],
-            [r["fd"] for r in pts],
-            yerr=[r["fd_std"] for r in pts],
-            marker="o",
-            ms=3,
-            capsize=2,
-            label=f"interval {interval or 'all of t'}",
-        )
-    floor = rows[0]
-    for ax in (axes[0], axes[2]):
-        ax.set_ylabel("FD to the training set")
-        ax.set_yscale("log")
-    axes[1].set_ylabel("class accuracy (%)")
-    for ax in axes[:2]:
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("NFE (velocity evaluations; a guided pair counts once)")
-    axes[2].set_xlabel(f"guidance scale ({solver} {steps})")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(
-        f"{args.num_samples} samples, seed {args.seed}; floor at {references[0]['floor'].shape[0]} real "
-        f"held-out digits {floor['floor']:.3f}",
-        fontsize=10,
-    )
-    fig.tight_layout()
+    interval = c.guidance_interval
+    if args.only != "guidance":
+        for s_name, settings in SOLVER_GRID.items():
+            for setting in settings:
+                sweep.point("solver", s_name, setting, scale, interval)
+    if args.only != "solver":
+        for g in GUIDANCE_GRID:
+            for interval in INTERVALS if g != 1.0 else [None]:
+                sweep.point("guidance", solver, steps, g, interval)
+    rows = sweep.rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out)
-
-    head = [
-        "| sweep | solver | steps / tol | NFE | guidance | interval | FD ± std | FD at floor size ± std "
-        "| × floor | accuracy | time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    lines = [
-        f"| {r['sweep']} | {r['solver']} | {r['setting']:g} | {r['nfe']} | {r['cfg_scale']:g} | "
-        f"{'all' if not r['interval'] else '–'.join(f'{v:g}' for v in r['interval'])} | "
-        f"{r['fd']:.3f} ± {r['fd_std']:.3f} | "
-        f"{r['matched_fd']:.3f} ± {r['matched_std']:.3f} | {r['ratio']:.2f} | {r['accuracy']:.1%} | {r['seconds']} |"
-        for r in rows
-    ]
-    text = "\n".join(
-        head
-        + lines
-        + [f"| real held-out digits (floor) | | | | | | | {floor['floor']:.3f} ± {floor['floor_std']:.3f} | 1.00 | | |"]
+    title = (
+        f"{args.num_samples} samples, seed {args.seed}, against the {sweep.references[0]['stats'].description}; "
+        f"dashed: the model's training data at {rows[0]['floor_n']} images"
     )
+    draw(rows, args.out, title, solver, steps)
+    text = table(rows)
     print(text)
     args.out.with_suffix(".md").write_text(text + "\n")
     args.out.with_suffix(".json").write_text(
@@ -191,8 +212,8 @@ def main() -> None:
                 "num_samples": args.num_samples,
                 "seed": args.seed,
                 "checkpoint": str(args.checkpoint),
-                "feature_net": net.identity,
-                "reference": references[0]["stats"].description,
+                "feature_net": sweep.net.identity,
+                "reference": sweep.references[0]["stats"].description,
             },
             indent=2,
         )

@@ -21,7 +21,9 @@ from typing import Dict, List, Optional, Tuple
 
 from .errors import LatentflowError, PeerLost
 
-SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5")  # solvers.SOLVERS, without importing torch (a test checks)
+# Choices the flags offer, spelled here so that parsing imports no torch (a test keeps them equal)
+SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5")  # solvers.SOLVERS
+FEATURE_NETS = ("auto", "digits", "digits-pooled", "inception")  # evaluation.features.FEATURE_NETS
 
 
 def arg(*flags: str, **kwargs) -> Tuple[Tuple[str, ...], dict]:
@@ -125,10 +127,10 @@ def sampling(num_samples: int):
 
 FEATURE_NET = arg(
     "--feature-net",
-    choices=("auto", "digits", "inception"),
+    choices=FEATURE_NETS,
     default="auto",
-    help="feature space of FD: the shipped digit classifier for MNIST, Inception where its weights "
-    "are local (default: auto)",
+    help="feature space: the shipped digit net for MNIST (digits; digits-pooled is the earlier one), Inception "
+    "where its weights are local (default: auto)",
 )
 
 
@@ -236,8 +238,15 @@ COMMANDS: Dict[str, Command] = {
                 "--reference",
                 type=Path,
                 default=None,
-                help="an FD statistics file (python main.py fd-stats) instead of the run data's train and held-out "
-                "references",
+                help="an FD statistics file (python main.py fd-stats) instead of the default references",
+            ),
+            arg(
+                "--solver-error",
+                type=int,
+                default=0,
+                metavar="N",
+                help="also the RMS distance of N samples' latents from the converged ODE solution (dopri5, "
+                "tolerance 1e-6); 0: off",
             ),
             arg("--out", type=Path, default=None, help="JSON report path (default: RUN/eval/<settings>.json)"),
             overwrite("an existing --out report"),
@@ -251,12 +260,7 @@ COMMANDS: Dict[str, Command] = {
             *EXPERIMENT,
             DATA,
             arg("--num-images", type=int, default=None, help="use the first N images (default: all)"),
-            arg(
-                "--feature-net",
-                choices=("auto", "digits", "inception"),
-                default="auto",
-                help="feature space (default: auto, as evaluate picks it)",
-            ),
+            FEATURE_NET,
             arg("--out", type=Path, default=None, help="the .npz to write (default: runs/fd-stats-<time>/...)"),
             overwrite("an existing --out"),
         ),
@@ -372,11 +376,12 @@ COMMANDS: Dict[str, Command] = {
     ),
     "train-classifier": Command(
         "train_classifier",
-        "train the digit classifier that evaluate uses as its feature net",
-        "python main.py train-classifier --epochs 15",
+        "train the digit net that evaluate uses as its feature space, on an experiment's digits",
+        "python main.py train-classifier --set data.path=data/mnist --epochs 6",
         (
-            arg("--out", type=Path, default=None, help="output directory (default: runs/digit-classifier-<timestamp>)"),
-            arg("--epochs", type=int, default=15, help="epochs (default 15)"),
+            *EXPERIMENT,
+            arg("--out", type=Path, default=None, help="output directory (default: runs/digit-net-<timestamp>)"),
+            arg("--epochs", type=int, default=6, help="epochs (default 6)"),
             arg("--seed", type=int, default=0, help="seed (default 0)"),
             overwrite("a non-empty --out directory"),
         ),
@@ -452,7 +457,7 @@ _FLAG_RULES = [
         lambda v: v >= 1,
         "an integer >= 1",
     ),
-    (("trajectory", "seed"), lambda v: v >= 0, "an integer >= 0"),
+    (("trajectory", "seed", "solver_error"), lambda v: v >= 0, "an integer >= 0"),
     (("dist_timeout", "lr", "window_seconds"), lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     (("cfg_scale", "kl_weight"), lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
 ]

@@ -11,7 +11,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["fd_gaussians", "frechet_distance", "psd_sqrt", "psnr", "reconstruction_metrics", "ssim"]
+__all__ = ["fd_gaussians", "frechet_distance", "precision_recall", "psd_sqrt", "psnr", "reconstruction_metrics", "ssim"]
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -71,3 +71,43 @@ def mean_cov(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """FD between Gaussians fitted to feature sets a (N, D) and b (M, D)."""
     return fd_gaussians(*mean_cov(a), *mean_cov(b))
+
+
+# --- precision and recall ------------------------------------------------------------------------
+
+
+def _knn_radius(x: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
+    """Distance from each row of ``x`` (N, D) to its k-th nearest other row, shape (N,)."""
+    out = []
+    for start in range(0, len(x), chunk):
+        d = torch.cdist(x[start : start + chunk], x)  # (c, N)
+        out.append(d.kthvalue(k + 1, dim=1).values)  # the nearest (k + 1)-th is k-th after itself
+    return torch.cat(out)
+
+
+def _covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Whether each row of ``points`` lies in some ball (centre, radius), shape (M,) bool."""
+    out = []
+    for start in range(0, len(points), chunk):
+        d = torch.cdist(points[start : start + chunk], centres)  # (c, N)
+        out.append((d <= radii[None]).any(dim=1))
+    return torch.cat(out)
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> Dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the
+    union of balls around its points reaching their k-th nearest neighbour. Precision is the
+    share of ``fake`` inside the real manifold (fidelity), recall the share of ``real`` inside
+    the fake one (coverage). Each comes with its standard error given the manifold it is
+    measured against, sqrt(p (1 - p) / n)."""
+    a = torch.as_tensor(np.asarray(real, np.float32))
+    b = torch.as_tensor(np.asarray(fake, np.float32))
+    precision = _covered(b, a, _knn_radius(a, k)).double().mean().item()
+    recall = _covered(a, b, _knn_radius(b, k)).double().mean().item()
+    return {
+        "precision": precision,
+        "precision_std": float(np.sqrt(precision * (1 - precision) / len(b))),
+        "recall": recall,
+        "recall_std": float(np.sqrt(recall * (1 - recall) / len(a))),
+        "k": k,
+    }

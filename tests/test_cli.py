@@ -47,11 +47,12 @@ def test_every_subcommand_has_help_with_an_example():
                 assert action.help, f"{name} {action.option_strings}"
 
 
-def test_the_solver_choices_are_the_solvers():
-    from latentflow.cli import SOLVERS
-    from latentflow.solvers import SOLVERS as REGISTERED
+def test_the_flag_choices_are_the_registries():
+    from latentflow import cli
+    from latentflow.evaluation.features import FEATURE_NETS
+    from latentflow.solvers import SOLVERS
 
-    assert SOLVERS == REGISTERED
+    assert cli.SOLVERS == SOLVERS and cli.FEATURE_NETS == FEATURE_NETS
 
 
 def test_help_answers_without_loading_torch():

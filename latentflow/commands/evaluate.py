@@ -1,5 +1,7 @@
-"""``python main.py evaluate``: sample a trained model and score the samples against the run
-data's references (FD with spread and floor, class accuracy)."""
+"""``python main.py evaluate``: sample a trained model and score the samples against real
+images: FD with its spread and the floor of the model's own training data, precision and
+recall, class accuracy, and (``--solver-error N``) the sampler's distance from the ODE's
+converged solution."""
 
 from __future__ import annotations
 
@@ -33,15 +35,17 @@ def evaluate_model(
     unconditional: bool = False,
     feature_net_choice: str = "auto",
     reference: Optional[Path] = None,
+    solver_error: int = 0,
     out: Optional[Path] = None,
     overwrite: bool = False,
     device=None,
     names: Optional[Dict[str, str]] = None,
 ) -> Dict:
-    """Sample from any model source and score the samples against the run data's references.
-    Writes the report as JSON (default ``RUN/eval/<settings>.json``) and returns it, with a
-    one-line ``summary``."""
-    from ..evaluation import DigitNet, evaluate_images, feature_net, references_for_run, summary_line
+    """Sample from any model source and score the samples (``evaluation``). With
+    ``solver_error=N``, also the RMS distance of the first N samples' latents from dopri5's
+    at tolerance 1e-6. Writes the report as JSON (default ``RUN/eval/<settings>.json``) and
+    returns it, with a one-line ``summary``."""
+    from ..evaluation import evaluate_images, feature_net, references_for_run, summary_line
 
     if out is not None:
         check_output(Path(out), overwrite)
@@ -63,34 +67,54 @@ def evaluate_model(
     )
     seconds = time.perf_counter() - start
     result = evaluate_images(samples.images, samples.labels, net, references)
-    s = samples.settings
     report = {
         **result,
-        "settings": {
-            "solver": s.solver,
-            "steps": s.steps if s.solver != "dopri5" else None,
-            "nfe": samples.nfe,
-            "cfg_scale": s.cfg_scale,
-            "guidance_interval": s.guidance_interval,
-            "seed": seed,
-            "num_samples": num_samples,
-            "labels": "unconditional" if labels is None else "balanced, i % num_classes",
-        },
+        "settings": _settings_record(samples, labels, seed, num_samples),
         "sampling_seconds": round(seconds, 1),
         "checkpoint": str(source),
     }
-    if isinstance(net, DigitNet):
-        report["feature_net_test_accuracy"] = net.info["test_accuracy"]
-    if out is None:
-        out = default_output(source, "eval", f"{s.tag}-n{num_samples}-seed{seed}.json")
+    if hasattr(net, "test_accuracy"):
+        report["feature_net_test_accuracy"] = net.test_accuracy
+    if solver_error:
+        report["solver_error"] = _solver_error(pipe, labels, samples, solver_error, seed, batch_size)
+    s = samples.settings
+    out = out or default_output(source, "eval", f"{s.tag}-n{num_samples}-seed{seed}.json")
     write_text_atomic(Path(out), json.dumps(report, indent=2), "evaluation report")
     steps_text = "" if s.solver == "dopri5" else f" {s.steps}"
+    error = f", latent RMS error {report['solver_error']['rms']:.4f}" if solver_error else ""
     report["summary"] = (
-        f"{summary_line(result)}  |  {s.solver}{steps_text} NFE {samples.nfe}, cfg {s.cfg_scale:g}, "
-        f"{num_samples} samples in {seconds:.0f} s  ->  {out}"
+        f"{summary_line(result)}  |  {s.solver}{steps_text} NFE {samples.nfe}, cfg {s.cfg_scale:g}"
+        f"{error}, {num_samples} samples in {seconds:.0f} s  ->  {out}"
     )
     report["path"] = str(out)
     return report
+
+
+def _settings_record(samples, labels, seed: int, num_samples: int) -> Dict:
+    s = samples.settings
+    return {
+        "solver": s.solver,
+        "steps": s.steps if s.solver != "dopri5" else None,
+        "nfe": samples.nfe,
+        "cfg_scale": s.cfg_scale,
+        "guidance_interval": s.guidance_interval,
+        "seed": seed,
+        "num_samples": num_samples,
+        "labels": "unconditional" if labels is None else "balanced, i % num_classes",
+    }
+
+
+def _solver_error(pipe, labels, samples, n: int, seed: int, batch_size: int) -> Dict:
+    from ..evaluation.solver import REFERENCE_TOLERANCE, converged_latents, solver_error
+
+    n = min(n, len(samples.latents))
+    s = samples.settings
+    reference, nfe = converged_latents(pipe, labels, n, seed, s.cfg_scale, s.guidance_interval, batch_size=batch_size)
+    return {
+        **solver_error(samples.latents[:n], reference),
+        "reference": f"dopri5, atol = rtol = {REFERENCE_TOLERANCE:g}",
+        "reference_nfe": nfe,
+    }
 
 
 def main(args) -> None:
@@ -106,6 +130,7 @@ def main(args) -> None:
         unconditional=args.unconditional,
         feature_net_choice=args.feature_net,
         reference=args.reference,
+        solver_error=args.solver_error,
         out=args.out,
         overwrite=args.overwrite,
         device=device_for(args.cpu),

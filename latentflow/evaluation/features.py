@@ -1,11 +1,15 @@
-"""Feature nets for the Fréchet distance and class accuracy.
+"""Feature nets for the Fréchet distance, precision, recall and class accuracy.
 
-``digits``: the digit classifier latentflow ships (``latentflow/assets/digit-classifier``),
-128-d features after global average pooling, which fit MNIST-like data only;
-``inception``: the Inception-v3 pool features of FID (2048-d, through torch-fidelity), when
-its weights are on this machine. ``auto`` picks the digit net for MNIST data, else
-Inception, else refuses in one line: FD in a feature space that does not fit the data
-measures nothing.
+``digits``: the digit net latentflow ships (``latentflow/assets/digit-features``), a CNN
+trained on all 60 000 MNIST training digits whose 128-d features come from a linear layer
+over the whole 4x4 feature map, so they keep where a stroke is (no global pooling); it
+ships with the reference statistics of the 60 000 training and 10 000 test digits, so
+evaluation needs no dataset. ``digits-pooled``: the earlier digit classifier
+(``latentflow/assets/digit-classifier``, 4 500 digits, globally pooled features), kept for
+comparison (docs/evaluation.md). ``inception``: the Inception-v3 pool features of FID
+(2048-d, through torch-fidelity), when its weights are on this machine. ``auto`` picks the
+digit net for MNIST data, else Inception, else refuses in one line: FD in a feature space
+that does not fit the data measures nothing.
 """
 
 from __future__ import annotations
@@ -24,22 +28,27 @@ from ..errors import LatentflowError
 
 __all__ = [
     "CLASSIFIER_DIR",
+    "DIGIT_FEATURES_DIR",
+    "FEATURE_NETS",
     "INCEPTION_WEIGHTS",
     "DigitClassifier",
+    "DigitFeatureNet",
     "DigitNet",
     "InceptionNet",
     "feature_net",
     "load_classifier",
 ]
 
-CLASSIFIER_DIR = Path(__file__).resolve().parent.parent / "assets" / "digit-classifier"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DIGIT_FEATURES_DIR = ASSETS / "digit-features"  # the digit net evaluation uses
+CLASSIFIER_DIR = ASSETS / "digit-classifier"  # the earlier, globally pooled one
+FEATURE_NETS = ("auto", "digits", "digits-pooled", "inception")
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 
 
 class DigitClassifier(nn.Module):
-    """32x32 gray images in [-1, 1] -> logits over 10 digits; ``features`` gives 128-d, the
-    role Inception's pool features play in FID: a compact space where real digits cluster
-    by class and style."""
+    """The earlier digit classifier: 32x32 gray images in [-1, 1] -> logits over 10 digits;
+    ``features`` gives 128-d after global average pooling, blind to where strokes are."""
 
     def __init__(self, width: int = 32, num_classes: int = 10):
         super().__init__()
@@ -70,33 +79,72 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(x))  # (B, 10)
 
 
-def load_classifier(path: Path = CLASSIFIER_DIR) -> Tuple[DigitClassifier, Dict]:
+class DigitFeatureNet(nn.Module):
+    """32x32 gray images in [-1, 1] -> logits over 10 digits; ``features`` gives ``dim``-d
+    features from a linear layer over the whole final 4x4 map, so that they see where strokes
+    are (a globally pooled map cannot).
+
+    (B, 1, 32, 32) -> conv 32 -> pool -> (B, 32, 16, 16) -> conv 64, conv 64 -> pool
+    -> (B, 64, 8, 8) -> conv 128 -> pool -> (B, 128, 4, 4) -> linear -> (B, dim)."""
+
+    def __init__(self, width: int = 32, dim: int = 128, num_classes: int = 10):
+        super().__init__()
+
+        def conv(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.body = nn.Sequential(
+            *conv(1, width),
+            nn.MaxPool2d(2),  # 16 x 16
+            *conv(width, 2 * width),
+            *conv(2 * width, 2 * width),
+            nn.MaxPool2d(2),  # 8 x 8
+            *conv(2 * width, 4 * width),
+            nn.MaxPool2d(2),  # 4 x 4
+        )
+        self.project = nn.Linear(4 * width * 16, dim)
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Linear(dim, num_classes))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(self.body(x).flatten(1))  # (B, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # (B, 10)
+
+
+def load_classifier(path: Path = DIGIT_FEATURES_DIR) -> Tuple[nn.Module, Dict]:
+    """A shipped (or trained) digit net and what its JSON records: ``features.json`` for the
+    spatial net, ``classifier.json`` for the earlier pooled one."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not (path / "model.safetensors").is_file():
-        raise LatentflowError(
-            f"no digit classifier in {path}; train one with `python main.py train-classifier --out {path}`"
-        )
-    info = json.loads((path / "classifier.json").read_text())
-    model = DigitClassifier(width=info["width"])
+        raise LatentflowError(f"no digit net in {path}; train one with `python main.py train-classifier --out {path}`")
+    if (path / "features.json").is_file():
+        info = json.loads((path / "features.json").read_text())
+        model = DigitFeatureNet(width=info["width"], dim=info["dim"])
+    else:
+        info = json.loads((path / "classifier.json").read_text())
+        model = DigitClassifier(width=info["width"])
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     return model.eval().requires_grad_(False), info
 
 
 class DigitNet:
-    """The shipped digit classifier: 128-d features and a 10-way prediction."""
+    """A digit net as a feature net: features (N, D) and a 10-way prediction; with the
+    reference statistics that ship beside it, where they do (``references.npz``)."""
 
-    name = "digits"
-
-    def __init__(self, path: Path = CLASSIFIER_DIR):
+    def __init__(self, path: Path = DIGIT_FEATURES_DIR):
+        self.path = Path(path)
         self.model, self.info = load_classifier(path)
+        self.name = "digits" if isinstance(self.model, DigitFeatureNet) else "digits-pooled"
         h = hashlib.sha256()
         for key, tensor in self.model.state_dict().items():
             h.update(key.encode())
             h.update(tensor.detach().cpu().numpy().tobytes())
-        self.identity = f"digits@{h.hexdigest()[:16]}"
-        self.dim = 128
+        self.identity = f"{self.name}@{h.hexdigest()[:16]}"
+        self.dim = self.info.get("dim", 128)
+        self.test_accuracy = self.info["test_accuracy"]
 
     @staticmethod
     def why_not(data: DataConfig, channels: int, image_size: int) -> str:
@@ -152,10 +200,13 @@ class InceptionNet:
 
 
 def feature_net(choice: str = "auto", data: Optional[DataConfig] = None, channels: int = 1, image_size: int = 32):
-    """The feature net for ``data``: ``digits``, ``inception``, or ``auto`` (digits where
-    they fit, else Inception where its weights are local, else a one-line refusal)."""
+    """The feature net for ``data``: ``digits``, ``digits-pooled``, ``inception``, or ``auto``
+    (digits where they fit, else Inception where its weights are local, else a one-line
+    refusal)."""
     if choice == "digits":
         return DigitNet()
+    if choice == "digits-pooled":
+        return DigitNet(CLASSIFIER_DIR)
     if choice == "inception":
         return InceptionNet()
     why = DigitNet.why_not(data or DataConfig(), channels, image_size)

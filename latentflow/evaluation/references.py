@@ -16,7 +16,7 @@ from ..data import build_dataset, to_uint8
 from ..errors import LatentflowError
 from .fd import FDStats
 
-__all__ = ["dataset_features", "describe_data", "held_out", "reference_for", "references_for_run"]
+__all__ = ["dataset_features", "describe_data", "held_out", "reference_for", "references_for_run", "shipped_references"]
 
 
 def dataset_features(
@@ -74,15 +74,56 @@ def held_out(data: DataConfig) -> Optional[DataConfig]:
     return None
 
 
+def shipped_references(net) -> Optional[Dict]:
+    """The reference statistics that ship beside a digit net (``references.npz``): the
+    60 000 MNIST training and 10 000 test digits' feature mean and covariance, and the test
+    digits' features; None for a net without them."""
+    path = getattr(net, "path", None)
+    if path is None or not (Path(path) / "references.npz").is_file():
+        return None
+    with np.load(Path(path) / "references.npz", allow_pickle=False) as f:
+        refs = {k: f[k] for k in f.files}
+    if str(refs.get("feature_net", "")) != net.identity:
+        raise LatentflowError(
+            f"{path}/references.npz was computed with {refs.get('feature_net')}, not with the net "
+            f"beside it ({net.identity}); regenerate the asset (experiments/maintainer)"
+        )
+    return refs
+
+
 def references_for_run(
     data: DataConfig, net, channels: int, reference: Optional[Path] = None, cache_dir: Optional[Path] = None
 ) -> List[Dict]:
-    """The training-set reference (with the held-out split as its floor) and the held-out
-    reference (with training images as its floor), or the ``reference`` file given."""
+    """What samples of a model trained on ``data`` are scored against.
+
+    With a digit net that ships its references: the MNIST test and training sets, each with
+    the floor of the model's own training data (its images scored against the same
+    reference at the same sample size); the test set also carries its features, for
+    precision and recall. Otherwise: the training set's statistics (with the held-out split
+    as its floor) and the held-out split's (with training images as its floor), computed and
+    cached. Or just the ``reference`` file given."""
     if reference is not None:
         stats = FDStats.load(reference)
         return [{"name": Path(reference).stem, "stats": stats, "floor": None}]
     train_cfg = replace(data, split="train") if data.source == "mnist" else data
+    shipped = shipped_references(net)
+    if shipped is not None:
+        _, train_features = reference_for(train_cfg, net, channels, cache_dir)
+        floor_of = f"the {len(train_features)} images the model was trained on ({describe_data(train_cfg)})"
+        refs = []
+        for split, name, what in (
+            ("test", "mnist-test", "MNIST test set"),
+            ("train", "mnist-train", "MNIST training set"),
+        ):
+            n = int(shipped[f"{split}_n"])
+            stats = FDStats(shipped[f"{split}_mu"], shipped[f"{split}_sigma"], n, net.identity, f"{what} ({n} digits)")
+            refs.append({"name": name, "stats": stats, "floor": train_features, "floor_of": floor_of})
+        refs[0]["real"] = shipped["test_features"].astype(np.float32)  # precision and recall against these
+        return refs
+    return _run_data_references(train_cfg, net, channels, cache_dir)
+
+
+def _run_data_references(train_cfg: DataConfig, net, channels: int, cache_dir: Optional[Path]) -> List[Dict]:
     train_stats, train_features = reference_for(train_cfg, net, channels, cache_dir)
     refs = [{"name": "train", "stats": train_stats, "floor": None}]
     other = held_out(train_cfg)

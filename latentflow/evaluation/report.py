@@ -8,6 +8,7 @@ from typing import Dict, List
 import numpy as np
 
 from ..errors import LatentflowError
+from ..metrics import precision_recall
 from .fd import fd_with_spread, matched_fd
 
 __all__ = ["evaluate_images", "summary_line"]
@@ -39,7 +40,24 @@ def evaluate_images(images: np.ndarray, labels: np.ndarray, net, references: Lis
                 ratio=matched["fd"] / floor["fd"] if floor["fd"] > 0 else None,
             )
         result["references"][ref["name"]] = entry
+        if ref.get("real") is not None:
+            result["precision_recall"] = _precision_recall(features, ref)
     return result
+
+
+def _precision_recall(features: np.ndarray, ref: Dict, seed: int = 0) -> Dict:
+    """Precision and recall of the samples against the reference's real images at equal sizes
+    (a seeded subset of the larger set), and the same for the floor's images at that size."""
+    real = np.asarray(ref["real"])
+    n = min(len(features), len(real))
+    pick = np.random.default_rng(seed).permutation(len(real))[:n]
+    out = {**precision_recall(real[pick], features[:n]), "n": n, "against": ref["name"]}
+    floor = ref.get("floor")
+    if floor is not None:
+        m = min(len(floor), n)
+        f = precision_recall(real[pick[:m]], np.asarray(floor)[:m])
+        out["floor"] = {"precision": f["precision"], "recall": f["recall"], "n": m, "of": ref.get("floor_of")}
+    return out
 
 
 def summary_line(result: Dict) -> str:
@@ -55,4 +73,10 @@ def summary_line(result: Dict) -> str:
                 f"{r['ratio']:.2f}x)"
             )
         parts.append(text)
+    pr = result.get("precision_recall")
+    if pr:
+        parts.append(
+            f"precision {pr['precision']:.3f} ± {pr['precision_std']:.3f}, recall {pr['recall']:.3f} ± "
+            f"{pr['recall_std']:.3f} (k={pr['k']}, n={pr['n']})"
+        )
     return "  |  ".join(parts)

@@ -1,5 +1,9 @@
-"""Training the digit classifier that evaluation uses as its feature net (on the bundled
-training digits, with random shifts of up to 2 px)."""
+"""Training the digit net that evaluation uses as its feature space.
+
+The net (``evaluation.features.DigitFeatureNet``) learns to classify 32x32 digits; its
+features are the layer before the classifier. No augmentation: shifted, blurred or
+thickened digits should look different to it, since those are the faults FD has to see.
+"""
 
 from __future__ import annotations
 
@@ -7,72 +11,101 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from ..config import DataConfig
-from ..data import build_dataset
-from ..evaluation.features import DigitClassifier
+from ..console import Console
+from ..evaluation.features import DigitFeatureNet
 from ..files import atomic_dir
 
-__all__ = ["fit_classifier"]
+__all__ = ["digit_features", "fit_digit_net", "save_digit_net"]
 
 
-def _shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random translation by up to max_shift pixels (background is -1)."""
-    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
-    dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
-    return padded[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
+def _model_images(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, 1, H, W) digits -> float (N, 1, 32, 32) in [-1, 1], zero-padded."""
+    x = torch.as_tensor(np.asarray(images))
+    x = x[:, None] if x.ndim == 3 else x
+    pad = (32 - x.shape[-1]) // 2
+    x = x.float() / 127.5 - 1  # (N, 1, H, W)
+    return F.pad(x, (pad, pad, pad, pad), value=-1.0) if pad else x
 
 
 @torch.no_grad()
-def _accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+def digit_features(model: DigitFeatureNet, images: np.ndarray, batch_size: int = 1000) -> Tuple[np.ndarray, np.ndarray]:
+    """Features (N, dim) and predicted digits (N,) of uint8 digits."""
     model.eval()
-    logits = torch.cat([model(images[i : i + 500]) for i in range(0, len(images), 500)])
-    return (logits.argmax(1) == labels).float().mean().item()
+    feats, preds = [], []
+    for start in range(0, len(images), batch_size):
+        f = model.features(_model_images(images[start : start + batch_size]))
+        feats.append(f)
+        preds.append(model.head(f).argmax(1))
+    return torch.cat(feats).numpy(), torch.cat(preds).numpy()
 
 
-def fit_classifier(out: Path, epochs: int = 15, batch_size: int = 64, lr: float = 2e-3, seed: int = 0) -> Dict:
-    """Train the classifier and write it to ``out`` (safetensors + classifier.json, atomically);
-    returns what classifier.json records."""
+def fit_digit_net(
+    train: Tuple[np.ndarray, np.ndarray],
+    test: Tuple[np.ndarray, np.ndarray],
+    epochs: int = 8,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    width: int = 32,
+    dim: int = 128,
+    console: Optional[Console] = None,
+) -> Tuple[DigitFeatureNet, Dict]:
+    """Train the net on ``train`` (uint8 digits, labels) with AdamW and a cosine schedule;
+    returns it with the record ``features.json`` keeps (test accuracy, settings, time)."""
+    console = console or Console()
     torch.manual_seed(seed)
-    train_set = build_dataset(DataConfig(), channels=1)
-    test_set = build_dataset(DataConfig(split="test"), channels=1)
-    test_x = torch.stack([test_set[i][0] for i in range(len(test_set))])
-    model = DigitClassifier()
+    x, y = _model_images(train[0]), torch.as_tensor(train[1]).long()
+    model = DigitFeatureNet(width=width, dim=dim)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * (len(x) // batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen)
-    total = epochs * len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     start = time.perf_counter()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         model.train()
-        for x, y, _ in loader:
-            loss = F.cross_entropy(model(_shift(x, gen)), y, label_smoothing=0.05)
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(len(x) // batch_size):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+        _, pred = digit_features(model, test[0])
+        console.line(f"digit net: epoch {epoch + 1}/{epochs}, test accuracy {(pred == test[1]).mean():.2%}")
     seconds = time.perf_counter() - start
-    acc = _accuracy(model, test_x, test_set.labels)
+    _, pred = digit_features(model, test[0])
     info = {
-        "width": 32,
-        "test_accuracy": acc,
-        "test_set": "bundled MNIST test split (500 digits)",
-        "train_set": "bundled MNIST train split (4500 digits), random shifts of up to 2 px",
+        "width": width,
+        "dim": dim,
+        "test_accuracy": float((pred == test[1]).mean()),
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
         "train_seconds": round(seconds, 1),
+        "train_images": len(x),
+        "test_images": len(test[0]),
+        "augmentation": "none",
     }
+    return model.eval(), info
+
+
+def save_digit_net(model: DigitFeatureNet, info: Dict, out: Path, references: Optional[Dict] = None) -> Path:
+    """Write the net (safetensors + features.json) to ``out``, atomically; with ``references``
+    (arrays by name) also ``references.npz``."""
     from safetensors.torch import save_file
 
-    with atomic_dir(Path(out), "classifier") as tmp:
+    with atomic_dir(Path(out), "digit net") as tmp:
         save_file(model.state_dict(), str(tmp / "model.safetensors"))
-        (tmp / "classifier.json").write_text(json.dumps(info, indent=2))
-    return info
+        (tmp / "features.json").write_text(json.dumps(info, indent=2))
+        if references:
+            with open(tmp / "references.npz", "wb") as f:
+                np.savez_compressed(f, **references)
+    return Path(out)

@@ -111,8 +111,15 @@ def setup(
         faults=faults,
     )
     model, raw_model, ema, optimizer = _prepare(cfg, model, accelerator)
-    batches = LatentBatches(cache, cfg.train.batch_size, accelerator.num_processes, accelerator.process_index,
-                            cfg.train.grad_accum, cfg.train.seed, cfg.data.val_fraction)  # fmt: skip
+    batches = LatentBatches(
+        cache,
+        cfg.train.batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        cfg.train.grad_accum,
+        cfg.train.seed,
+        cfg.data.val_fraction,
+    )
     facts = _facts(cfg, raw_model, num_classes, dataset, latent_shape, vae, cache, batches)
     base = run_base_name(cfg.name, options.overrides)
     run_dir = (

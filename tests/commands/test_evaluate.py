@@ -28,10 +28,12 @@ def test_evaluate_reports_fd_accuracy_and_settings(smoke_run):
     report = json.loads((run_dir / "eval" / "heun-2-cfg2-n40-seed0.json").read_text())
     assert report["settings"]["nfe"] == 4 and report["settings"]["num_samples"] == 40
     assert report["settings"]["cfg_scale"] == 2 and 0 <= report["accuracy"] <= 1
-    train = report["references"]["train"]
-    assert train["fd"] > 0 and train["ratio"] > 1  # a 2-epoch model is worse than held-out real digits
-    assert set(report["references"]) == {"train", "held-out"}
-    assert report["feature_net_test_accuracy"] >= 0.97
+    test = report["references"]["mnist-test"]
+    assert test["fd"] > 0 and test["ratio"] > 1  # a 2-epoch model is worse than its training digits
+    assert set(report["references"]) == {"mnist-test", "mnist-train"}
+    assert report["feature_net_test_accuracy"] >= 0.99 and report["feature_net"].startswith("digits@")
+    pr = report["precision_recall"]
+    assert 0 <= pr["precision"] <= 1 and 0 <= pr["recall"] <= 1 and pr["n"] == 40 and pr["against"] == "mnist-test"
 
 
 @pytest.mark.slow
@@ -51,15 +53,19 @@ def test_evaluate_reports_both_references_with_floors_and_spreads(smoke_run, tmp
         "2",
         "--guidance-interval",
         "0.1,0.9",
+        "--solver-error",
+        "20",
     )
-    assert "train: FD" in proc.stdout and "floor" in proc.stdout and "accuracy" in proc.stdout
+    assert "mnist-test: FD" in proc.stdout and "floor" in proc.stdout and "recall" in proc.stdout
     report = json.loads((run_dir / "eval" / "heun-2-cfg2-int0.1-0.9-n1000-seed0.json").read_text())
     assert report["settings"]["nfe"] == 4 and report["settings"]["guidance_interval"] == [0.1, 0.9]
-    train, held = report["references"]["train"], report["references"]["held-out"]
-    assert train["reference_images"] == 64 and held["reference_images"] == 500  # smoke trains on 64 digits
-    assert train["matched"]["subsets"] == 2 and train["floor"]["n"] == 500 and train["floor"]["subsets"] == 1
-    assert train["ratio"] > 1  # a 2-epoch model is worse than real held-out digits
-    assert train["fd_std"] > 0 and train["floor"]["std"] > 0
+    test, train = report["references"]["mnist-test"], report["references"]["mnist-train"]
+    assert test["reference_images"] == 10_000 and train["reference_images"] == 60_000
+    # the floor: the 64 digits the smoke model trains on, against the same reference at the same size
+    assert test["floor"]["n"] == test["matched"]["n"] == 64 and test["matched"]["subsets"] == 15
+    assert test["ratio"] > 1 and test["fd_std"] > 0 and test["floor"]["std"] > 0
+    error = report["solver_error"]
+    assert error["n"] == 20 and error["rms"] > 0 and error["reference_nfe"] > 4
     stats = tmp_path / "ref.npz"
     run_main("fd-stats", "--data", "split=test", "--out", stats)
     against = run_main(

@@ -60,24 +60,35 @@ def digits():
     return DigitNet()
 
 
-def test_the_digit_net_tells_real_digits_from_noise_and_wrong_labels(digits):
+def test_the_digit_net_ships_its_references_and_tells_real_digits_from_noise(digits):
     refs = references_for_run(DataConfig(), digits, channels=1)
-    assert [r["name"] for r in refs] == ["train", "held-out"] and refs[0]["stats"].n == 4500
-    test = build_dataset(DataConfig(split="test", max_items=200), channels=1)
+    assert [r["name"] for r in refs] == ["mnist-test", "mnist-train"]
+    assert refs[0]["stats"].n == 10_000 and refs[1]["stats"].n == 60_000 and refs[0]["real"].shape == (10_000, 128)
+    assert len(refs[0]["floor"]) == 4500  # the floor: the bundled digits a default model trains on
+    assert digits.test_accuracy > 0.99
+    test = build_dataset(DataConfig(split="test", max_items=500), channels=1)
     images, labels = test.images.permute(0, 2, 3, 1).numpy(), test.labels.numpy()
-    real = evaluate_images(images, labels, digits, refs[:1])
-    assert real["accuracy"] >= 0.95
+    real = evaluate_images(images, labels, digits, refs)
+    assert real["accuracy"] >= 0.98
     assert evaluate_images(images, np.roll(labels, 1), digits, refs[:1])["accuracy"] < 0.2
     noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
-    assert (
-        evaluate_images(noise, labels, digits, refs[:1])["references"]["train"]["fd"]
-        > 10 * real["references"]["train"]["fd"]
-    )
-    floor = real["references"]["train"]
-    assert floor["floor"]["n"] == floor["matched"]["n"] == 200 and floor["fd_std"] > 0  # compared at equal size
-    assert floor["ratio"] < 1.6  # real held-out digits are as good as the held-out floor
+    fake = evaluate_images(noise, labels, digits, refs[:1])
+    assert fake["references"]["mnist-test"]["fd"] > 10 * real["references"]["mnist-test"]["fd"]
+    test_ref = real["references"]["mnist-test"]
+    assert test_ref["floor"]["n"] == test_ref["matched"]["n"] == 500 and test_ref["fd_std"] > 0  # at equal size
+    assert test_ref["ratio"] < 1.5  # real digits score like the model's training data
+    pr = real["precision_recall"]
+    assert pr["n"] == 500 and pr["precision"] > 0.7 and pr["recall"] > 0.7 and pr["floor"]["n"] == 500
+    assert fake["precision_recall"]["precision"] < 0.05  # noise is nowhere near a digit
     unlabelled = evaluate_images(images, np.full_like(labels, -1), digits, refs[:1])
     assert "accuracy" not in unlabelled
+
+
+def test_the_earlier_pooled_net_is_kept_with_the_run_data_protocol():
+    pooled = feature_net("digits-pooled")
+    assert pooled.name == "digits-pooled" and pooled.identity.startswith("digits-pooled@")
+    refs = references_for_run(DataConfig(), pooled, channels=1)
+    assert [r["name"] for r in refs] == ["train", "held-out"] and refs[0]["stats"].n == 4500
 
 
 def test_a_feature_net_that_does_not_fit_the_data_is_refused(tmp_path, monkeypatch):
