@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from .bounded import BoundsError, read_yaml
 from .errors import ConfigError
 
 __all__ = [
@@ -101,6 +102,9 @@ class DataConfig:
             raise ConfigError("data.download needs data.path, the directory to download into")
         if self.max_items is not None:
             _positive("data.max_items", self.max_items)
+        _at_most("data.image_size", self.image_size, 4096, "the largest image latentflow encodes")
+        _at_most("data.max_items", self.max_items, 2**31, "rows are indexed with 32 bits")
+        _at_most("data.decode_workers", self.decode_workers, 256, "worker processes")
 
 
 @dataclass
@@ -122,6 +126,8 @@ class VAEConfig:
         _positive("vae.encode_batch_size", self.encode_batch_size)
         _positive("vae.cache_shard_size", self.cache_shard_size)
         _choice("vae.cache_dtype", self.cache_dtype, ("float32", "bfloat16", "float16"))
+        _at_most("vae.encode_batch_size", self.encode_batch_size, 65536, "images encoded at once")
+        _at_most("vae.cache_shard_size", self.cache_shard_size, 2**24, "rows per shard")
 
 
 @dataclass
@@ -193,6 +199,8 @@ class SamplerConfig:
         if self.cfg_scale < 0:
             raise ConfigError(f"sampler.cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
         _positive("sampler.grid_per_class", self.grid_per_class)
+        _at_most("sampler.steps", self.steps, 10000, "solver steps; a converged solution needs far fewer")
+        _at_most("sampler.grid_per_class", self.grid_per_class, 64, "images per row of the epoch grid")
         if self.guidance_interval is not None:
             lo_hi = self.guidance_interval
             if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
@@ -262,6 +270,20 @@ class TrainConfig:
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every must be >= 0, got {self.eval_every}")
         _positive("train.eval_samples", self.eval_samples)
+        limits = {
+            "epochs": (10**6, "passes over the data"),
+            "batch_size": (2**20, "images per process and step"),
+            "grad_accum": (2**16, "micro-batches per step"),
+            "eval_samples": (10**6, "samples per evaluation"),
+            "warmup_steps": (2**31, "steps"),
+            "log_every": (2**31, "steps"),
+            "checkpoint_every": (2**31, "steps"),
+            "max_nonfinite": (2**31, "steps"),
+            "keep_checkpoints": (10**4, "checkpoints on disk"),
+            "eval_every": (10**6, "epochs"),
+        }
+        for key, (limit, what) in limits.items():
+            _at_most(f"train.{key}", getattr(self, key), limit, what)
 
 
 # Fields that may differ when a run is continued, and that do not name a run: they extend or
@@ -296,8 +318,17 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> ExperimentConfig:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ConfigError(f"name {self.name!r} must be a plain, non-empty directory name")
+        if (
+            not self.name
+            or "/" in self.name
+            or self.name.startswith(".")
+            or len(self.name) > 100
+            or not all(c.isprintable() and c not in '\\:*?"<>|' for c in self.name)
+        ):
+            raise ConfigError(
+                f"name {_show(self.name)} must be a plain directory name: up to 100 printable characters, no / \\ : * "
+                '? " < > |, not starting with a dot'
+            )
         for section in (self.data, self.vae, self.model, self.flow, self.sampler, self.train):
             section.validate()
         return self
@@ -306,9 +337,20 @@ class ExperimentConfig:
 # --- checks -------------------------------------------------------------------------------
 
 
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut short: an error line stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...)"
+
+
+def _at_most(key: str, value: Any, limit: int, why: str) -> None:
+    if value is not None and value > limit:
+        raise ConfigError(f"{key} is {value}, more than {limit} ({why}); lower it")
+
+
 def _choice(key: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ConfigError(f"{key} is {value!r}; choose one of {', '.join(choices)}")
+        raise ConfigError(f"{key} is {_show(value)}; choose one of {', '.join(choices)}")
 
 
 def _positive(key: str, value: Any) -> None:
@@ -334,12 +376,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, inner, key)
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list, got {_show(value)}")
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a section (a mapping), got {value!r}")
+            raise ConfigError(f"{key} must be a section (a mapping), got {_show(value)}")
         return section_from_dict(tp, value, key + ".")
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
@@ -362,7 +404,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     else:  # pragma: no cover - a new annotation type needs a branch above
         raise TypeError(f"unsupported config type {tp} for {key}")
-    raise ConfigError(f"{key} must be of type {tp.__name__}, got {value!r}")
+    raise ConfigError(f"{key} must be of type {tp.__name__}, got {_show(value)}")
 
 
 def section_from_dict(cls, values: Dict[str, Any], prefix: str = ""):
@@ -398,9 +440,12 @@ def _apply_override(values: Dict[str, Any], override: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {override!r}: {part!r} is a value, not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[parts[-1]] = read_yaml(raw, f"--set {key}", max_bytes=64 << 10) if raw.strip() else None
+    except BoundsError as exc:
+        raise ConfigError(str(exc)) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {override!r}: cannot parse the value ({exc.problem})") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--set {_show(override)}: cannot parse the value ({problem})") from None
 
 
 def read_yaml_mapping(path: Path, what: str = "config file") -> Dict[str, Any]:
@@ -411,7 +456,9 @@ def read_yaml_mapping(path: Path, what: str = "config file") -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{what} {path} not found")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = read_yaml(path, what) or {}
+    except BoundsError as exc:
+        raise ConfigError(str(exc)) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path} is not a text file; give a YAML file") from None
     except yaml.YAMLError as exc:
@@ -476,6 +523,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 def save_config(cfg: ExperimentConfig, path: Path) -> None:
     """Write the resolved experiment as YAML (atomically): a run's ``config.yaml``, an
     export's ``experiment.yaml``."""
-    from .files import write_text_atomic
+    from .files import FIX_RUN, write_text_atomic
 
-    write_text_atomic(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config")
+    write_text_atomic(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config", FIX_RUN)

@@ -30,3 +30,8 @@ class TrainingDiverged(LatentflowError):
 class PeerLost(LatentflowError):
     """Another process of a distributed run died or stalled. Every surviving process
     reports it, since the main process may be the one that is gone."""
+
+
+class Stopped(Exception):
+    """A long operation (sampling, encoding) gave up because a stop was requested (a signal,
+    or the launcher gone); not a user error: the caller decides what to save and how to exit."""

@@ -33,6 +33,7 @@ __all__ = [
     "atomic_dir",
     "atomic_file",
     "check_output",
+    "file_sha256",
     "remove_stale_temps",
     "temp_name",
     "write_text_atomic",
@@ -40,6 +41,10 @@ __all__ = [
 
 HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
 ASSETS = Path(__file__).resolve().parent / "assets"
+
+FIX = "free some space or write elsewhere"  # what a failed write suggests, unless the caller knows its flag
+FIX_RUN = FIX + " (--output-dir)"
+FIX_CACHE = FIX + " (--cache-dir)"
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)$")
 
@@ -87,6 +92,21 @@ def remove_stale_temps(directory: Path, any_owner: bool = False) -> int:
                 entry.unlink()
         removed += 1
     return removed
+
+
+def _clear_dead_temps(final: Path) -> None:
+    """Remove this target's temporaries whose writer died on this host (a killed
+    ``export --overwrite`` leaves a full-size one), before writing it again."""
+    if not final.parent.is_dir():
+        return
+    for entry in final.parent.glob(f".{final.name}.tmp-{HOST}-*"):
+        m = _TEMP.match(entry.name)
+        if m and m["name"] == final.name and not _pid_alive(int(m["pid"])):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
 
 
 def _fsync_tree(path: Path) -> None:
@@ -194,7 +214,7 @@ def _reason(exc: BaseException, full: bool) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[-1][:160] if text else 'write failed'}"
 
 
-def _disk_error(what: str, final: Path, exc: BaseException, needed: Optional[int], intact: str) -> DiskError:
+def _disk_error(what: str, final: Path, exc: BaseException, needed: Optional[int], intact: str, fix: str) -> DiskError:
     try:
         free_bytes = shutil.disk_usage(final.parent if final.parent.exists() else Path.cwd()).free
         free = f"{_human(free_bytes)} free there"
@@ -202,21 +222,23 @@ def _disk_error(what: str, final: Path, exc: BaseException, needed: Optional[int
         free_bytes, free = None, "free space unknown"
     full = free_bytes is not None and free_bytes < max(needed or 0, 1 << 20)
     need = f"needs about {_human(needed)}, " if needed else ""
-    return DiskError(
-        f"could not write {what} {final} ({_reason(exc, full)}; {need}{free}); {intact}; "
-        "free some space or write elsewhere (--output-dir, --cache-dir)"
-    )
+    return DiskError(f"could not write {what} {final} ({_reason(exc, full)}; {need}{free}); {intact}; {fix}")
 
 
 @contextlib.contextmanager
 def atomic_dir(
-    final: Path, what: str = "directory", needed: Optional[int] = None, intact: str = "what was there before is intact"
+    final: Path,
+    what: str = "directory",
+    needed: Optional[int] = None,
+    intact: str = "what was there before is intact",
+    fix: str = FIX,
 ) -> Iterator[Path]:
     """Yield a temporary directory to fill; on success it replaces ``final`` atomically."""
     final = Path(final)
     tmp = temp_name(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        _clear_dead_temps(final)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         yield tmp
@@ -228,7 +250,7 @@ def atomic_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         if not _is_write_failure(exc):
             raise
-        raise _disk_error(what, final, exc, needed or written, intact) from None
+        raise _disk_error(what, final, exc, needed or written, intact, fix) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -236,13 +258,18 @@ def atomic_dir(
 
 @contextlib.contextmanager
 def atomic_file(
-    final: Path, what: str = "file", needed: Optional[int] = None, intact: str = "what was there before is intact"
+    final: Path,
+    what: str = "file",
+    needed: Optional[int] = None,
+    intact: str = "what was there before is intact",
+    fix: str = FIX,
 ) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``final`` atomically."""
     final = Path(final)
     tmp = temp_name(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        _clear_dead_temps(final)
         yield tmp
         _fsync_tree(tmp)
         os.replace(tmp, final)
@@ -252,15 +279,26 @@ def atomic_file(
             tmp.unlink()
         if not _is_write_failure(exc):
             raise
-        raise _disk_error(what, final, exc, needed, intact) from None
+        raise _disk_error(what, final, exc, needed, intact, fix) from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
 
 
-def write_text_atomic(path: Path, text: str, what: str = "file") -> None:
-    with atomic_file(path, what) as tmp:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB pieces."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str, what: str = "file", fix: str = FIX) -> None:
+    with atomic_file(path, what, fix=fix) as tmp:
         tmp.write_text(text)
 
 
@@ -273,6 +311,23 @@ def _file_in_the_way(path: Path) -> Optional[Path]:
         if p.exists():
             return p if not p.is_dir() else None
     return None
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """Refuse a place this process cannot write, before the work that would fill it: a
+    file is created and removed in the nearest existing directory."""
+    import tempfile
+
+    place = next((p for p in [path.parent, *path.parents] if p.is_dir()), None)
+    if place is None:
+        return
+    try:
+        with tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as exc:
+        raise LatentflowError(
+            f"{flag} {path}: {place} is not writable ({exc.strerror}); choose another {flag}"
+        ) from None
 
 
 def check_output(
@@ -304,6 +359,7 @@ def check_output(
         if blocker is not None:
             what = "is a file; give a directory" if blocker == path else "is a file, not a directory"
             raise LatentflowError(f"{flag} {path}: {blocker} {what}")
+        _check_writable(path, flag)
     existing = [p for p in paths if p.exists() and (not p.is_dir() or any(p.iterdir()))]
     if only_replaces and existing and not (existing[0] / only_replaces).is_file():
         raise LatentflowError(

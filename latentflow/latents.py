@@ -54,9 +54,9 @@ from torch.utils.data import DataLoader, Subset
 
 from .console import Console
 from .distributed import on_main
-from .errors import DataError, LatentflowError
+from .errors import DataError, LatentflowError, Stopped
 from .faults import Faults
-from .files import atomic_file, remove_stale_temps, write_text_atomic
+from .files import FIX_CACHE, atomic_file, remove_stale_temps, write_text_atomic
 from .rng import STREAM_DATA, STREAM_FLIP, STREAM_VALID, derive_seed
 from .vae import FrozenVAE
 
@@ -305,6 +305,13 @@ def encode_items(
 # --- building -------------------------------------------------------------------------------
 
 
+def _listening(batches, stop: Callable[[], bool]):
+    for batch in batches:
+        if stop():
+            raise Stopped("encoding stopped on request")
+        yield batch
+
+
 def _shard_file(root: Path, i: int) -> Path:
     return root / f"shard_{i:05d}.safetensors"
 
@@ -364,16 +371,19 @@ def _write_shard(root: Path, i: int, tensors: dict, bad: list, dtype: str, vae: 
         "latent cache shard",
         needed=sum(t.nbytes for t in stored.values()),
         intact="shards written so far are kept",
+        fix=FIX_CACHE,
     ) as tmp:
         save_file(stored, str(tmp))
-    write_text_atomic(_marker(root, i), json.dumps({"rows": len(m), "bad": bad}), "latent cache marker")
+    write_text_atomic(_marker(root, i), json.dumps({"rows": len(m), "bad": bad}), "latent cache marker", FIX_CACHE)
 
 
-def _wait_for(root: Path, todo: List[int], build: str, say: Callable, stall_s: float) -> None:
+def _wait_for(root: Path, todo: List[int], build: str, say: Callable, stall_s: float, stop: Callable) -> None:
     """Watch the markers until every shard in ``todo`` is done; stop every rank on another
     rank's error marker, or when no shard has finished for ``stall_s`` seconds."""
     pending, last = set(todo), time.time()
     while pending:
+        if stop():
+            raise Stopped("encoding stopped on request")
         errors = sorted(root.glob(f".error-{build}-*"))
         if errors:
             raise DataError(errors[0].read_text().strip())
@@ -433,7 +443,9 @@ def _check_manifest(root: Path, cache_dir: Path, metadata: Dict[str, str], plan,
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"could not write latent cache {root} ({exc.strerror}); pass another --cache-dir DIR") from None
-    write_text_atomic(manifest, json.dumps({"metadata": metadata, "shards": plan}, indent=1), "latent cache manifest")
+    write_text_atomic(
+        manifest, json.dumps({"metadata": metadata, "shards": plan}, indent=1), "latent cache manifest", FIX_CACHE
+    )
 
 
 def _shards_to_encode(root: Path, plan, dataset, row_shape, dtype: str, world: int, say: Callable) -> List[int]:
@@ -467,6 +479,8 @@ def _encode_mine(
         for n, i in enumerate(mine, start=1):
             encode(i)
             faults.after_shard(n)
+    except Stopped:
+        raise  # every rank is asked (a signal, a dead launcher): no error marker
     except BaseException as exc:
         if isinstance(exc, LatentflowError):
             exc.local = rank != 0  # only this rank met it: it reports it itself
@@ -491,13 +505,15 @@ def load_or_build_cache(
     stall_s: float = 3600.0,
     console: Optional[Console] = None,
     faults: Optional[Faults] = None,
+    stop: Optional[Callable[[], bool]] = None,
 ) -> Tuple[LatentCache, Path]:
     """Open the cache of ``dataset`` under ``cache_dir``, encoding whatever is missing first,
     split over the processes. ``data_cfg`` and ``vae_cfg`` (an experiment's sections) bring
     hflip, the bad-file policy, decode workers, the batch size, storage dtype and shard size.
     Any failure (a bad image, a VAE that encodes to NaN, a full or read-only cache directory)
     stops every rank with the same one-line error. ``console`` is told what the encode does
-    (pass one on the main process only); ``faults`` is the tests' fault injection."""
+    (pass one on the main process only); ``faults`` is the tests' fault injection; ``stop`` is
+    asked between batches, and a yes raises ``Stopped`` (complete shards are kept)."""
     hflip = bool(data_cfg and data_cfg.hflip)
     skip_bad = bool(data_cfg and data_cfg.skip_bad_images)
     dtype = vae_cfg.cache_dtype if vae_cfg else "float32"
@@ -516,14 +532,16 @@ def load_or_build_cache(
         _check_manifest(root, cache_dir, metadata, plan, console.line)
         return _shards_to_encode(root, plan, dataset, row_shape, dtype, world, console.line), uuid.uuid4().hex[:12]
 
+    stop = stop or (lambda: False)
+
     def encode(i: int) -> None:
-        progress = lambda loader: console.wrap(loader, "encode")
+        progress = lambda loader: _listening(console.wrap(loader, "encode"), stop)
         tensors, bad = encode_items(vae, dataset, range(*plan[i]), batch_size, hflip, skip_bad, workers, progress)
         _write_shard(root, i, tensors, bad, dtype, vae)
 
     todo, build = on_main(accelerator, prepare)
     _encode_mine(todo[rank::world], encode, root, build, rank, world, faults or Faults({}))
-    _wait_for(root, todo, build, console.line, stall_s)
+    _wait_for(root, todo, build, console.line, stall_s, stop)
     accelerator.wait_for_everyone()
     try:
         shards = [Shard(_shard_file(root, i)) for i in range(len(plan))]

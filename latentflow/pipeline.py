@@ -19,7 +19,10 @@ or an export of an earlier release) as a pipeline, so ``sample``, ``evaluate`` a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -29,9 +32,10 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from .bounded import BoundsError, read_json
 from .config import ExperimentConfig, config_from_file, save_config
 from .errors import CheckpointError, LatentflowError
-from .files import atomic_dir
+from .files import atomic_dir, file_sha256
 from .models import create_model, model_from_config
 from .runs import Source, load_checkpoint, resolve_source
 from .sampling import PIPELINE_NAMES, SampleResult, SamplerSettings, labels_for, sample_images
@@ -125,6 +129,27 @@ class LatentFlowPipeline(DiffusionPipeline):
             rtol=c.rtol,
         )
 
+    def _check_count(self, n: Optional[int], name: str) -> None:
+        """Refuse a draw whose noise, latents and images would not fit in half this machine's
+        memory, before anything is allocated."""
+        if n is None:
+            return
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise LatentflowError(f"{name} {n!r}: give a whole number >= 1")
+        c, h, w = self.latent_shape
+        side = h * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        per_image = 3 * 4 * c * h * w + side * side * int(self.vae.config.in_channels) + 8
+        try:
+            memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return
+        if n * per_image > memory / 2:
+            raise LatentflowError(
+                f"{name} {n}: that many images need about {n * per_image / 2**30:.1f} GB, more than half of this "
+                f"machine's {memory / 2**30:.0f} GB; draw at most {int(memory / 2 / per_image)} at a time "
+                "(with another seed for the next)"
+            )
+
     # --- generation -------------------------------------------------------------------------
 
     def resolve(
@@ -133,6 +158,7 @@ class LatentFlowPipeline(DiffusionPipeline):
         """The labels (one per image, or None) and the sampler settings a draw would use:
         labels as ``labels_for`` reads them, settings resolved against this pipeline's own by
         ``SamplerSettings.resolve``. ``names`` says what the caller calls each setting."""
+        self._check_count(num_images, (names or {}).get("num_images", "num_images"))
         labels = labels_for(
             class_labels,
             num_images,
@@ -156,6 +182,7 @@ class LatentFlowPipeline(DiffusionPipeline):
         decode: bool = True,
         trajectory_times: int = 0,
         names: Optional[Dict[str, str]] = None,
+        stop=None,
         **sampler,
     ) -> SampleResult:
         """The one way latentflow samples a trained model (``__call__``, ``sample``,
@@ -178,6 +205,7 @@ class LatentFlowPipeline(DiffusionPipeline):
             batch_size=batch_size,
             decode=decode,
             trajectory_times=trajectory_times,
+            stop=stop,
         )
         result.settings = settings
         return result
@@ -262,13 +290,28 @@ def save_pipeline(pipe: LatentFlowPipeline, out: Path, cfg: ExperimentConfig, in
     with atomic_dir(out, "export", nbytes) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         save_config(cfg, tmp / "experiment.yaml")
-        (tmp / "latentflow.json").write_text(json.dumps({"format": 2, **info}, indent=2))
+        files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / "latentflow.json").write_text(json.dumps({"format": 2, **info, "files": files}, indent=2))
     return out
+
+
+def _damaged_file(export: Path, info: dict) -> Optional[str]:
+    """The first file of an export whose bytes differ from the hash its latentflow.json
+    records (exports written before hashes were recorded are taken as they are)."""
+    for name, digest in (info.get("files") or {}).items():
+        path = export / name
+        if ".." in Path(name).parts or not path.is_file():
+            return f"{name} is missing"
+        if file_sha256(path) != digest:
+            return f"{name} does not match the hash latentflow.json records"
+    return None
 
 
 def _read_json(path: Path, fix: str = "the export is damaged") -> dict:
     try:
-        value = json.loads(Path(path).read_text())
+        value = read_json(Path(path), Path(path).name)
+    except BoundsError as exc:
+        raise CheckpointError(f"{exc}; {fix}") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({str(exc).splitlines()[0][:80]}); {fix}") from None
     if not isinstance(value, dict):
@@ -339,14 +382,43 @@ def _from_legacy_export(src: Source) -> tuple:
     )
 
 
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """Diffusers' own report of a failed load would precede our one line."""
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity(dlogging.CRITICAL)
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
+
+
 def _from_export(src: Source) -> tuple:
     from diffusers.utils import logging as dlogging
 
     dlogging.disable_progress_bar()
     fix = "re-export it with `python main.py export --checkpoint RUN --out DIR`"
+    cfg_file, info_file = src.path / "experiment.yaml", src.path / "latentflow.json"
+    info = _read_json(info_file, fix) if info_file.is_file() else {}
+    damaged = _damaged_file(src.path, info)  # before any of it is loaded
+    if damaged:
+        raise CheckpointError(f"{src.path}: {damaged}; the export is damaged: {fix}")
     _read_json(src.path / "model_index.json", fix)
+    for part in ("transformer", "vae"):  # diffusers parses these itself: bounded first
+        if (src.path / part / "config.json").is_file():
+            _read_json(src.path / part / "config.json", fix)
+        pickles = [p.name for p in (src.path / part).glob("*.bin")] if (src.path / part).is_dir() else []
+        if pickles and not list((src.path / part).glob("*.safetensors")):
+            raise CheckpointError(
+                f"{src.path / part / pickles[0]} is a pickle, which latentflow never loads (it can run "
+                f"code); weights must be safetensors: {fix}"
+            )
     try:
-        pipe = LatentFlowPipeline.from_pretrained(src.path)
+        with warnings.catch_warnings(), _quiet_diffusers():
+            warnings.simplefilter("ignore")
+            pipe = LatentFlowPipeline.from_pretrained(src.path, use_safetensors=True)
     except LatentflowError as exc:
         raise CheckpointError(f"{src.path}: {exc}") from None
     except Exception as exc:  # diffusers' loaders raise OSError, ValueError, RuntimeError, ...
@@ -365,9 +437,7 @@ def _from_export(src: Source) -> tuple:
     except LatentflowError as exc:
         raise CheckpointError(f"{src.path}: {exc}; {fix}") from None
     _check_finite(pipe.transformer, src.path)
-    cfg_file, info_file = src.path / "experiment.yaml", src.path / "latentflow.json"
     cfg = config_from_file(cfg_file, "export's experiment") if cfg_file.is_file() else None
-    info = _read_json(info_file, fix) if info_file.is_file() else {}
     return pipe, cfg, info
 
 

@@ -24,7 +24,6 @@ need nothing else. Weights load with safetensors, the optimizer and random state
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import time
@@ -33,16 +32,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .bounded import BoundsError, read_json
 from .config import CONTINUABLE_FIELDS
 from .errors import CheckpointError
-from .files import check_output
+from .files import check_output, file_sha256
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "Source",
     "checkpoints_of",
+    "damaged_part",
     "is_checkpoint_dir",
     "is_export_dir",
+    "run_of_checkpoint",
+    "usable_checkpoint",
     "latest_checkpoint",
     "load_checkpoint",
     "new_run_dir",
@@ -126,8 +129,21 @@ def _is_legacy_export(path: Path) -> bool:
     return (path / "export.json").is_file() and (path / "model.safetensors").is_file()
 
 
+SET_ASIDE_DIR = re.compile(r"^(abandoned|damaged)-\d{8}-\d{6}$")  # checkpoints/abandoned-<time>/step_...
+
+
 def is_checkpoint_dir(path: Path) -> bool:
-    return bool(STEP_DIR.match(path.name)) and path.parent.name == "checkpoints"
+    """A step directory of a run: under ``checkpoints/``, or under a set-aside folder there."""
+    if not STEP_DIR.match(path.name):
+        return False
+    return path.parent.name == "checkpoints" or (
+        bool(SET_ASIDE_DIR.match(path.parent.name)) and path.parent.parent.name == "checkpoints"
+    )
+
+
+def run_of_checkpoint(path: Path) -> Path:
+    """The run directory a checkpoint directory belongs to."""
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent.parent.parent
 
 
 # --- checkpoints on disk --------------------------------------------------------------------
@@ -147,6 +163,27 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def usable_checkpoint(run_dir: Path) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
+    """The newest checkpoint of a run that is complete and matches its recorded hashes, and
+    the newer ones passed over, each with why (read-only: the caller sets them aside)."""
+    root = Path(run_dir) / "checkpoints"
+    found = (
+        sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))), reverse=True)
+        if root.is_dir()
+        else []
+    )
+    skipped = []
+    for _, path in found:
+        try:
+            why = damaged_part(path, read_state(path))
+        except CheckpointError as exc:
+            why = str(exc).removeprefix(f"checkpoint {path} ").removeprefix(f"{path / 'state.json'} ")
+        if why is None:
+            return path, skipped
+        skipped.append((path, why))
+    return None, skipped
+
+
 def has_legacy_checkpoints(run_dir: Path) -> bool:
     return any(LEGACY_DIR.match(p.name) for p in (Path(run_dir) / "checkpoints").glob("epoch_*"))
 
@@ -155,7 +192,9 @@ def read_state(ckpt: Path) -> dict:
     """``state.json`` of a checkpoint, checked for the keys every reader needs."""
     path = Path(ckpt) / "state.json"
     try:
-        state = json.loads(path.read_text())
+        state = read_json(path, "checkpoint state")
+    except BoundsError as exc:
+        raise CheckpointError(f"{exc}; use an earlier checkpoint") from None
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete (no state.json); use an earlier one") from None
     except (OSError, ValueError) as exc:
@@ -211,16 +250,36 @@ def _load_part(path: Path):
         raise CheckpointError(f"{path} cannot be loaded ({why}); use an earlier checkpoint") from None
 
 
-def load_checkpoint(ckpt: Path, parts: Sequence[str] = ("model", "ema", "optimizer", "rng")) -> Dict:
-    """Load a checkpoint's ``parts`` onto the CPU (callers move them; a device such as
-    Accelerate's ``cpu:0`` is not a valid safetensors device)."""
+def damaged_part(ckpt: Path, state: dict, parts: Sequence[str] = tuple(CHECKPOINT_FILES)) -> Optional[str]:
+    """Why a checkpoint's ``parts`` cannot be trusted, or None: a file missing, or one whose
+    bytes no longer match the SHA-256 its ``state.json`` records (checkpoints written before
+    hashes were recorded are taken as they are)."""
+    recorded = state.get("files")
+    for part in parts:
+        name = CHECKPOINT_FILES[part]
+        if not (Path(ckpt) / name).is_file():
+            return f"it is incomplete (no {name})"
+        if isinstance(recorded, dict) and recorded.get(name) != file_sha256(Path(ckpt) / name):
+            return f"{name} does not match the hash its state.json records (damaged after it was written)"
+    return None
+
+
+def load_checkpoint(
+    ckpt: Path,
+    parts: Sequence[str] = ("model", "ema", "optimizer", "rng"),
+    verify: Sequence[str] = tuple(CHECKPOINT_FILES),
+) -> Dict:
+    """Load a checkpoint's ``parts`` onto the CPU, after checking them against the hashes in
+    its ``state.json`` (callers move them; a device such as Accelerate's ``cpu:0`` is not a
+    valid safetensors device). Every file is verified, loaded or not: a damaged checkpoint is
+    refused whole."""
     ckpt = Path(ckpt)
     out = {"state": read_state(ckpt)}
+    why = damaged_part(ckpt, out["state"], verify)
+    if why:
+        raise CheckpointError(f"checkpoint {ckpt}: {why}; use an earlier one")
     for part in parts:
-        path = ckpt / CHECKPOINT_FILES[part]
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {ckpt} is incomplete (no {path.name}); use an earlier one")
-        out[part] = _load_part(path)
+        out[part] = _load_part(ckpt / CHECKPOINT_FILES[part])
     rng = out.get("rng")
     if "rng" in parts and (not isinstance(rng, dict) or not isinstance(rng.get("ranks"), list)):
         raise CheckpointError(
@@ -256,7 +315,7 @@ def resolve_source(path: Path, flag: str = "--checkpoint") -> Source:
         return Source("legacy-export", path, run_above)
     if is_checkpoint_dir(path):
         read_state(path)
-        return Source("checkpoint", path, path.parent.parent)
+        return Source("checkpoint", path, run_of_checkpoint(path))
     if LEGACY_DIR.match(path.name) or has_legacy_checkpoints(path):
         if not (path / "export").is_dir() and not checkpoints_of(path):
             raise CheckpointError(

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .config import SamplerConfig
 from .data import to_uint8
-from .errors import LatentflowError
+from .errors import LatentflowError, Stopped
 from .solvers import SOLVERS, integrate
 from .vae import FrozenVAE
 
@@ -194,6 +194,15 @@ def guided_velocity(
     return guided
 
 
+def _listening(velocity: Callable, stop: Callable[[], bool]) -> Callable:
+    def checked(x, t):
+        if stop():
+            raise Stopped("sampling stopped on request")
+        return velocity(x, t)
+
+    return checked
+
+
 @dataclass
 class SampleResult:
     images: np.ndarray  # uint8 (N, H, W, C)
@@ -225,13 +234,15 @@ def sample_images(
     autocast: Optional[Callable[[], ContextManager]] = None,
     decode: bool = True,
     trajectory_times: int = 0,
+    stop: Optional[Callable[[], bool]] = None,
 ) -> SampleResult:
     """Draw images. ``labels`` (one per sample) or ``num_samples`` unconditional ones.
 
     The noise comes from ``generator`` (a CPU generator), else one seeded with ``seed``, so
     the same seed gives the same samples on any device and in any batch size.
     ``trajectory_times > 0`` also decodes x_t at that many evenly spaced times (fixed-step
-    solvers: at step boundaries) for the trajectory figure.
+    solvers: at step boundaries) for the trajectory figure. ``stop`` is asked before every
+    velocity evaluation; when it answers yes the draw raises ``Stopped``.
     """
     param = next(model.parameters())
     device, dtype = param.device, param.dtype  # a pipeline loaded in fp16 samples in fp16
@@ -245,9 +256,10 @@ def sample_images(
     for start in range(0, n, batch_size):
         x0 = noise[start : start + batch_size].to(device, dtype)
         y = None if label_t is None else label_t[start : start + batch_size].to(device)
+        velocity = guided_velocity(model, y, cfg_scale, guidance_interval)
         with autocast():
             result = integrate(
-                guided_velocity(model, y, cfg_scale, guidance_interval),
+                velocity if stop is None else _listening(velocity, stop),
                 x0,
                 solver,
                 steps,

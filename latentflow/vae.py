@@ -94,7 +94,9 @@ def _load_autoencoder(name: str, subfolder: Optional[str]):
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its report of a failed load would precede ours
         try:
-            return AutoencoderKL.from_pretrained(path, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a foreign pickle warns before it is refused
+                return AutoencoderKL.from_pretrained(path, use_safetensors=True, **kwargs)
         except Exception as exc:  # diffusers raises OSError, ValueError, RuntimeError, NotImplementedError ...
             raise VAELoadError(
                 f"VAE {path} cannot be loaded: {explain_load_error(exc)}; re-save it with save_pretrained"

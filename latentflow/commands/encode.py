@@ -15,26 +15,37 @@ __all__ = ["encode_experiment", "main"]
 def encode_experiment(cfg, cache_dir: Optional[Path] = None, cpu: bool = False, dist_timeout: float = 180.0) -> Path:
     """Encode ``cfg``'s training data into the latent cache; returns the cache directory."""
     from ..data import build_dataset
-    from ..distributed import make_accelerator
+    from ..distributed import is_launched, make_accelerator
+    from ..errors import Stopped
     from ..faults import Faults
     from ..latents import default_cache_dir, load_or_build_cache
+    from ..signals import StopRequest
+    from ..training import Interrupted
     from ..vae import FrozenVAE
 
+    stop = StopRequest().watch_parent() if is_launched() else StopRequest()  # a dead launcher stops the encode
     accelerator = make_accelerator("no", cpu, 1, dist_timeout)
     main_process = accelerator.is_main_process
     vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder).to(accelerator.device)
     dataset = build_dataset(cfg.data, channels=vae.in_channels)
     start = time.perf_counter()
-    cache, root = load_or_build_cache(
-        vae,
-        dataset,
-        cache_dir or default_cache_dir(),
-        accelerator,
-        cfg.data,
-        cfg.vae,
-        console=TERMINAL if main_process else None,
-        faults=Faults.from_env(),
-    )
+    try:
+        cache, root = load_or_build_cache(
+            vae,
+            dataset,
+            cache_dir or default_cache_dir(),
+            accelerator,
+            cfg.data,
+            cfg.vae,
+            console=TERMINAL if main_process else None,
+            faults=Faults.from_env(),
+            stop=lambda: stop.requested,
+        )
+    except Stopped:
+        reason, status = StopRequest.describe(stop.code)
+        raise Interrupted(f"stopped ({reason}); the shards already encoded are kept", status) from None
+    finally:
+        stop.uninstall()
     if main_process:
         say(
             f"latent cache {root}: {len(cache)} rows of {tuple(cache.latent_shape)} "

@@ -9,29 +9,33 @@ one process and the other way round. Reading what is on disk is ``runs.py``'s pa
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from ..config import CONTINUABLE_FIELDS, ExperimentConfig, config_to_dict, read_yaml_mapping, save_config
 from ..distributed import on_main
 from ..errors import CheckpointError
-from ..files import atomic_dir, temp_name
+from ..files import FIX_RUN, atomic_dir, file_sha256, temp_name
 from ..rng import get_rng_state, set_rng_state
 from ..runs import (
+    CHECKPOINT_FILES,
     CHECKPOINT_FORMAT,
     checkpoints_of,
+    damaged_part,
     has_legacy_checkpoints,
     is_checkpoint_dir,
     is_export_dir,
-    latest_checkpoint,
     load_checkpoint,
     read_state,
+    run_of_checkpoint,
     runs_of,
+    usable_checkpoint,
 )
 from ..vae import explain_load_error
 from .optim import all_finite
@@ -45,6 +49,8 @@ __all__ = [
     "optimizer_state",
     "resolve_resume",
     "save_checkpoint",
+    "Resume",
+    "set_aside",
     "set_aside_newer",
 ]
 
@@ -73,12 +79,13 @@ def save_checkpoint(
     final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
     model, ema = _contiguous(model), _contiguous(ema)
     needed = 3 * sum(t.nbytes for t in model.values()) + sum(t.nbytes for t in ema.values())
-    with atomic_dir(final, "checkpoint", needed, intact="earlier checkpoints are intact") as tmp:
+    with atomic_dir(final, "checkpoint", needed, intact="earlier checkpoints are intact", fix=FIX_RUN) as tmp:
         save_file(model, str(tmp / "model.safetensors"))
         save_file(ema, str(tmp / "ema.safetensors"))
         torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, **state}, indent=2))
+        hashes = {name: file_sha256(tmp / name) for name in CHECKPOINT_FILES.values()}  # verified on every load
+        (tmp / "state.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, **state, "files": hashes}, indent=2))
     complete = checkpoints_of(run_dir)
     for _, old in complete[: max(0, len(complete) - keep)]:
         if old != final:  # renamed first: a crash mid-delete leaves a temporary, never half a checkpoint
@@ -91,14 +98,7 @@ def save_checkpoint(
 def set_aside_newer(run_dir: Path, step: int) -> Optional[Path]:
     """Move the checkpoints after ``step`` (a resume from an older one starts another
     timeline) into ``checkpoints/abandoned-<time>/``; returns that directory, if any."""
-    newer = [p for s, p in checkpoints_of(run_dir) if s > step]
-    if not newer:
-        return None
-    aside = Path(run_dir) / "checkpoints" / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir(parents=True, exist_ok=True)
-    for path in newer:
-        os.replace(path, aside / path.name)
-    return aside
+    return set_aside(run_dir, [p for s, p in checkpoints_of(run_dir) if s > step], "abandoned")
 
 
 # --- full state of a possibly sharded model -------------------------------------------------
@@ -150,15 +150,29 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
 # --- which checkpoint to resume -------------------------------------------------------------
 
 
-def resolve_resume(resume: str, output_dir: Path, base: str) -> Optional[Tuple[Path, Path]]:
-    """``--resume latest|RUN_DIR|CHECKPOINT_DIR`` -> (run directory, checkpoint), or None
-    when ``latest`` finds no run of this experiment with a checkpoint."""
+class Resume(NamedTuple):
+    """Which checkpoint a resume takes, and the newer ones it passed over (damaged or
+    incomplete), each with why."""
+
+    run_dir: Path
+    checkpoint: Path
+    skipped: List[Tuple[Path, str]] = []
+
+
+def _newest(run: Path) -> float:
+    steps = [p for p in (run / "checkpoints").glob("step_*") if p.is_dir()]
+    return max((p.stat().st_mtime for p in steps), default=-1.0)
+
+
+def resolve_resume(resume: str, output_dir: Path, base: str) -> Optional[Resume]:
+    """``--resume latest|RUN_DIR|CHECKPOINT_DIR`` -> the run and the checkpoint to continue,
+    or None when ``latest`` finds no run of this experiment with a checkpoint. A run's newest
+    checkpoint that is incomplete or fails its hashes is passed over for the one before it."""
     if resume == "latest":
-        runs = [r for r in runs_of(output_dir, base) if latest_checkpoint(r) is not None]
+        runs = [r for r in runs_of(output_dir, base) if _newest(r) >= 0]
         if not runs:
             return None
-        run = max(runs, key=lambda r: (latest_checkpoint(r) / "state.json").stat().st_mtime)
-        return run, latest_checkpoint(run)
+        return _usable(max(runs, key=_newest), f"--resume latest ({base})")
     path = Path(resume).expanduser()
     if not path.exists():
         raise CheckpointError(f"--resume {resume}: no such directory; pass a run directory, a checkpoint or 'latest'")
@@ -167,21 +181,40 @@ def resolve_resume(resume: str, output_dir: Path, base: str) -> Optional[Tuple[P
             f"--resume {resume} is an export (for sampling); pass its run directory or a checkpoint under it"
         )
     if is_checkpoint_dir(path):
-        read_state(path)
-        return path.parent.parent, path
+        state = read_state(path)
+        why = damaged_part(path, state)
+        if why:
+            raise CheckpointError(f"--resume {resume}: {why}; resume from another checkpoint of the run")
+        return Resume(run_of_checkpoint(path), path)
     if not (path / "config.yaml").is_file():
         raise CheckpointError(
             f"--resume {resume}: not a run directory (no config.yaml); pass a run directory or a checkpoint"
         )
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
-        why = (
-            "its checkpoints have format 1 from an earlier latentflow"
-            if has_legacy_checkpoints(path)
-            else "it has no complete checkpoint"
+    if has_legacy_checkpoints(path) and _newest(path) < 0:
+        raise CheckpointError(
+            f"--resume {resume}: cannot continue this run (its checkpoints have format 1 from an earlier "
+            "latentflow); start a new run"
         )
-        raise CheckpointError(f"--resume {resume}: cannot continue this run ({why}); start a new run")
-    return path, ckpt
+    return _usable(path, f"--resume {resume}")
+
+
+def _usable(run: Path, asked: str) -> Resume:
+    ckpt, skipped = usable_checkpoint(run)
+    if ckpt is None:
+        why = f" (the newest: {skipped[0][1]})" if skipped else ""
+        raise CheckpointError(f"{asked}: cannot continue {run}: it has no complete checkpoint{why}; start a new run")
+    return Resume(run, ckpt, skipped)
+
+
+def set_aside(run_dir: Path, paths: List[Path], kind: str) -> Optional[Path]:
+    """Move ``paths`` (checkpoints of the run) into ``checkpoints/<kind>-<time>/``."""
+    if not paths:
+        return None
+    aside = Path(run_dir) / "checkpoints" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        os.replace(path, aside / path.name)
+    return aside
 
 
 def recorded_precision(ckpt: Path) -> Optional[str]:
@@ -249,6 +282,30 @@ def check_same_model_and_data(ckpt_dir: Path, ckpt: dict, trainer) -> None:
 
 
 # --- the manager ----------------------------------------------------------------------------
+
+PROBE_LIMIT = 100.0  # a fresh model's CFM loss is about 2 (unit-variance latents and noise)
+
+
+@torch.no_grad()
+def probe_loss(trainer, rows: int = 64) -> float:
+    """The CFM loss of the loaded weights on a fixed batch: posterior means of the first
+    training rows, noise and times from a local generator (no global random state is
+    touched, so a resume stays bit-exact). Every rank computes the same value."""
+    from ..flow import cfm_loss
+
+    model, batches = trainer.raw_model, trainer.batches
+    idx = batches.rows[: min(rows, len(batches.rows))]
+    mean, _, labels = (t.to(trainer.accelerator.device) for t in batches.cache.gather(idx))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(mean.shape, generator=g).to(mean.device)
+    t = torch.linspace(0.05, 0.95, len(idx), device=mean.device)
+    was_training = model.training
+    model.eval()
+    try:
+        y = None if trainer.cfg.model.unconditional else labels
+        return float(cfm_loss(model, x0, trainer.vae.scale(mean), t, trainer.cfg.flow.sigma_min, y=y).mean())
+    finally:
+        model.train(was_training)
 
 
 class CheckpointManager:
@@ -338,6 +395,12 @@ class CheckpointManager:
                 f"{ckpt_dir} holds non-finite weights (its run had diverged); resume from an earlier "
                 f"checkpoint in {ckpt_dir.parent}"
             )
+        loss = probe_loss(trainer)
+        if not math.isfinite(loss) or loss > PROBE_LIMIT:
+            raise CheckpointError(
+                f"{ckpt_dir}: its weights give a loss of {loss:.3g} on a probe batch (a model in training gives "
+                f"under {PROBE_LIMIT:g}); the checkpoint is damaged: resume from an earlier one in {ckpt_dir.parent}"
+            )
         restore("EMA weights", lambda: trainer.ema.load_state_dict(ckpt["ema"], ckpt["state"]["ema_updates"]))
         restore(
             "optimizer state",
@@ -353,6 +416,13 @@ class CheckpointManager:
         """The random states of the checkpoint last restored (call just before the loop)."""
         state, restore = self._rng
         restore("random states", lambda: set_rng_state(state))
+
+    def set_aside_damaged(self, trainer, resume: Resume) -> None:
+        """Main process: move the newer checkpoints a resume passed over (incomplete, or failing
+        their hashes) into ``checkpoints/damaged-<time>/``, saying so for each."""
+        damaged = set_aside(self.run_dir, [path for path, _ in resume.skipped if path.exists()], "damaged")
+        for path, why in resume.skipped:
+            trainer.console.line(f"{path}: {why}; set aside in {damaged}; resuming from {resume.checkpoint.name}")
 
     def rewrite_run_files(self, trainer, st: TrainState, changes: List[str], ckpt_dir: Path) -> None:
         """Main process: cut log.jsonl back to the checkpoint, set aside later checkpoints (another

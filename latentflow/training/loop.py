@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 from ..config import ExperimentConfig
 from ..console import Bar, Console
 from ..distributed import is_launched, is_main_rank, is_peer_failure, make_accelerator, on_main
-from ..errors import LatentflowError, PeerLost
+from ..errors import LatentflowError, PeerLost, Stopped
 from ..figures import save_loss_by_time, save_loss_curve
 from ..pipeline import save_pipeline
 from ..runs import run_base_name, runs_of
@@ -213,10 +214,7 @@ def train_one_epoch(trainer: Trainer, epoch: int) -> EpochStats:
             trainer.checkpoints.save(trainer, stats)
         if stopping:
             bar.close()
-            reason, code = StopRequest.describe(stopping)
-            raise Interrupted(
-                f"stopped ({reason}) after optimizer step {st.step}; checkpoint {trainer.checkpoints.last}", code
-            )
+            _interrupt(trainer, stopping)
         if not result.skipped and trainer.faults:
             trainer.faults.after_checkpoint(st.step)
     bar.close()
@@ -286,6 +284,8 @@ def _epoch_record(trainer: Trainer, epoch: int, stats: EpochStats, seconds: floa
 def end_of_epoch(trainer: Trainer, epoch: int, stats: EpochStats, seconds: float) -> None:
     acc, st, cfg = trainer.accelerator, trainer.state, trainer.cfg
     record = _epoch_record(trainer, epoch, stats, seconds)
+    if record["loss"] is None:  # not one good step: nothing learned, and nothing worth saving
+        raise trainer.diverged(f"every step of epoch {epoch + 1} was skipped (non-finite loss or gradients)")
     trainer.ema.materialize()  # a collective under FSDP: before only the main process draws
     if len(trainer.batches.val_rows):
         if cfg.model.unconditional:
@@ -302,7 +302,12 @@ def _write_epoch(trainer: Trainer, epoch: int, record: dict) -> None:
     acc, st, cfg = trainer.accelerator, trainer.state, trainer.cfg
     figure = trainer.run_dir / "figures" / f"epoch_{epoch + 1:03d}.png"
     pipe = ema_pipeline(trainer)
-    grid = draw_grid(trainer, pipe, figure)
+    try:
+        grid = draw_grid(trainer, pipe, figure)
+    except Stopped:  # a signal during the grid: the checkpoint still comes, the rest waits for the resume
+        trainer.append_log(record)
+        trainer.say(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {record['loss']:.4f}  (grid stopped on request)")
+        return
     trainer.append_log(record)
     val_loss, best = record["val_loss"], st.best_epoch == epoch + 1
     if val_loss is not None and best:  # the best so far: keep it as best/
@@ -316,9 +321,7 @@ def _write_epoch(trainer: Trainer, epoch: int, record: dict) -> None:
     }
     acc.log({k: v for k, v in scalars.items() if v is not None}, step=st.step)
     log_image(acc, "grid", grid, st.step)
-    steps = trainer.batches.iterations_per_epoch
-    loss = record["loss"]
-    loss_text = f"loss {loss:.4f}" if loss is not None else f"loss n/a (all {steps} steps skipped: non-finite)"
+    loss_text = f"loss {record['loss']:.4f}"
     val_text = "" if val_loss is None else f"  val {val_loss:.4f}{' (best)' if best else ''}"
     trainer.say(
         f"epoch {epoch + 1:3d}/{cfg.train.epochs}  {loss_text}{val_text}  {record['seconds']:6.1f} s  "
@@ -326,7 +329,10 @@ def _write_epoch(trainer: Trainer, epoch: int, record: dict) -> None:
     )
     every = cfg.train.eval_every
     if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs):
-        evaluate_during_training(trainer, pipe, epoch)
+        try:
+            evaluate_during_training(trainer, pipe, epoch)
+        except Stopped:
+            trainer.say("  eval stopped on request")
 
 
 def finish(trainer: Trainer) -> Path:
@@ -339,7 +345,10 @@ def finish(trainer: Trainer) -> Path:
     def write() -> Path:
         figures = trainer.run_dir / "figures"
         pipe = ema_pipeline(trainer)
-        draw_grid(trainer, pipe, figures / "final.png")
+        try:
+            draw_grid(trainer, pipe, figures / "final.png")
+        except Stopped:
+            return None  # the resume writes the final grid and the export
         log_file = trainer.run_dir / "log.jsonl"
         save_loss_curve(log_file, figures / "loss.png", title=f"{cfg.name}: {cfg.model.name}")
         save_loss_by_time(log_file, figures / "loss_by_time.png", title=f"{cfg.name}: loss by t")
@@ -353,20 +362,56 @@ def finish(trainer: Trainer) -> Path:
         trainer.say(f"done: {trainer.run_dir}  (export: {export}, final grid: {figures / 'final.png'})")
         return export
 
-    return on_main(trainer.accelerator, write)
+    export = on_main(trainer.accelerator, write)
+    if export is None:
+        _interrupt(trainer, trainer.stop.code or 2)
+    return export
+
+
+def _interrupt(trainer: Trainer, code: int) -> None:
+    reason, status = StopRequest.describe(code)
+    raise Interrupted(
+        f"stopped ({reason}) after optimizer step {trainer.state.step}; checkpoint {trainer.checkpoints.last}", status
+    )
 
 
 def _where(cfg: ExperimentConfig, options: RunOptions, console: Console):
-    """The run to continue, (run directory, checkpoint), or None for a new run."""
+    """The run to continue (a ``Resume``), or None for a new run. ``--resume latest`` with no
+    run of this experiment starts fresh and says so; with runs of the same experiment under
+    other overrides it is refused, naming the difference: a resume is never quietly a new run."""
     base = run_base_name(cfg.name, options.overrides)
     resume = resolve_resume(options.resume, options.output_dir, base) if options.resume else None
-    if options.resume == "latest" and resume is None and is_main_rank():
-        others = runs_of(options.output_dir, base)
-        why = f" ({len(others)} without a checkpoint)" if others else ""
-        console.line(
-            f"--resume latest: no checkpoint of experiment {base!r} under {options.output_dir}{why}; starting fresh"
-        )
+    if options.resume == "latest" and resume is None:
+        _refuse_other_overrides(cfg, options)
+        if is_main_rank():
+            others = runs_of(options.output_dir, base)
+            why = f" ({len(others)} without a checkpoint)" if others else ""
+            console.line(
+                f"--resume latest: no checkpoint of experiment {base!r} under {options.output_dir}{why}; starting fresh"
+            )
     return resume
+
+
+def _refuse_other_overrides(cfg: ExperimentConfig, options: RunOptions) -> None:
+    from ..config import read_yaml_mapping
+    from ..errors import CheckpointError
+    from .checkpoints import check_same_setup
+
+    output = Path(options.output_dir)
+    pattern = re.compile(rf"^{re.escape(cfg.name)}(\+.*)?-\d{{8}}-\d{{6}}(-\d+)?$")
+    runs = [p for p in output.iterdir() if p.is_dir() and pattern.match(p.name)] if output.is_dir() else []
+    runs = [r for r in runs if (r / "config.yaml").is_file() and list((r / "checkpoints").glob("step_*"))]
+    if not runs:
+        return
+    newest = max(runs, key=lambda r: (r / "config.yaml").stat().st_mtime)
+    try:
+        check_same_setup(read_yaml_mapping(newest / "config.yaml", "run config"), cfg, newest)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"--resume latest: the newest run of experiment {cfg.name!r} ({newest.name}) cannot continue with these "
+            f"settings ({str(exc).split(': ', 1)[-1]}); drop the --set overrides that differ, or leave out --resume "
+            "to start a new run"
+        ) from None
 
 
 def _precision(options: RunOptions, resume) -> Optional[str]:
@@ -407,6 +452,9 @@ def train(cfg: ExperimentConfig, options: RunOptions, console: Optional[Console]
             start = time.perf_counter()
             stats = train_one_epoch(trainer, epoch)
             end_of_epoch(trainer, epoch, stats, time.perf_counter() - start)
+            stopping = _stop_agreed(trainer)  # a signal during the epoch's grid or evaluation
+            if stopping:
+                _interrupt(trainer, stopping)
         finish(trainer)
         return trainer.run_dir
     except RuntimeError as exc:
@@ -417,6 +465,13 @@ def train(cfg: ExperimentConfig, options: RunOptions, console: Optional[Console]
             f"process {accelerator.process_index} lost contact with the others ({str(exc).splitlines()[0][-90:]}): "
             f"one died or stalled for over --dist-timeout {options.dist_timeout:g} s; the job stops. "
             f"Last checkpoint: {last or 'none'}"
+        ) from None
+    except Stopped:  # during setup (the latent cache), before there was a run to checkpoint
+        reason, status = StopRequest.describe(stop.code or 2)
+        raise Interrupted(
+            f"stopped ({reason}) while setting up; the latent cache keeps the shards already encoded, "
+            "and nothing else was written",
+            status,
         ) from None
     except Interrupted as exc:
         exc.run_dir = trainer.run_dir if trainer is not None else None

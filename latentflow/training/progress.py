@@ -16,7 +16,12 @@ from ..pipeline import LatentFlowPipeline, pipeline_from_parts
 from ..rng import STREAM_VALID, derive_seed
 from .state import Trainer
 
-__all__ = ["draw_grid", "ema_pipeline", "evaluate_during_training", "validation_loss"]
+__all__ = ["draw_grid", "ema_pipeline", "evaluate_during_training", "listening", "validation_loss"]
+
+
+def listening(trainer: Trainer):
+    """What a long drawing asks between velocity evaluations: has this process been asked to stop?"""
+    return lambda: trainer.stop.requested
 
 
 def ema_pipeline(trainer: Trainer) -> LatentFlowPipeline:
@@ -27,10 +32,10 @@ def ema_pipeline(trainer: Trainer) -> LatentFlowPipeline:
 
 def draw_grid(trainer: Trainer, pipe: LatentFlowPipeline, path: Path) -> np.ndarray:
     """The grid of the fixed noise and labels (one row per class), saved to ``path``;
-    returns it as an (H, W, C) uint8 array."""
+    returns it as an (H, W, C) uint8 array. A stop request ends it (``Stopped``)."""
     cfg, labels = trainer.cfg, trainer.grid_labels
     count = len(labels) if labels else cfg.sampler.grid_per_class * 8
-    result = pipe.draw(labels, count, generator=torch.Generator().manual_seed(cfg.train.seed))
+    result = pipe.draw(labels, count, generator=torch.Generator().manual_seed(cfg.train.seed), stop=listening(trainer))
     ncol = cfg.sampler.grid_per_class if labels else 8
     with atomic_file(path, "figure") as tmp:
         save_grid(result.images, tmp, ncol=ncol, format="png")
@@ -66,7 +71,7 @@ def evaluate_during_training(trainer: Trainer, pipe: LatentFlowPipeline, epoch: 
     cfg, st = trainer.cfg, trainer.state
     start = time.perf_counter()
     n = cfg.train.eval_samples
-    samples = pipe.draw("all", n, generator=torch.Generator().manual_seed(cfg.train.seed + 1))  # not the grid's noise
+    samples = pipe.draw("all", n, generator=torch.Generator().manual_seed(cfg.train.seed + 1), stop=listening(trainer))
     result = evaluate_images(samples.images, samples.labels, trainer.evaluator["net"], trainer.evaluator["references"])
     seconds = time.perf_counter() - start
     trainer.append_log({"event": "eval", "epoch": epoch + 1, "step": st.step, "seconds": seconds, **result})

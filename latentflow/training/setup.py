@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from ..config import ExperimentConfig, config_to_dict, save_config
 from ..console import Console
 from ..data import build_dataset
 from ..distributed import on_main
 from ..ema import EMA
-from ..errors import LatentflowError
+from ..errors import LatentflowError, Stopped
 from ..faults import Faults
 from ..figures import class_grid_labels
 from ..files import remove_stale_temps
@@ -23,7 +23,7 @@ from ..rng import RankRNG
 from ..runs import new_run_dir, run_base_name
 from ..signals import RunLock
 from ..vae import FrozenVAE
-from .checkpoints import CheckpointManager
+from .checkpoints import CheckpointManager, Resume
 from .optim import adamw, fused_ok
 from .state import RunOptions, Trainer
 from .tracking import start_trackers
@@ -81,7 +81,7 @@ def setup(
     accelerator,
     stop,
     lock: List[RunLock],
-    resume: Optional[Tuple[Path, Path]],
+    resume: Optional[Resume],
     console: Console,
 ) -> Optional[Trainer]:
     """Build everything, then resume from ``resume`` (run dir, checkpoint) if given; None
@@ -109,7 +109,10 @@ def setup(
         stall_s=max(3600.0, options.dist_timeout),
         console=console if is_main else None,
         faults=faults,
+        stop=lambda: stop.requested,
     )
+    if stop.requested:  # asked to stop while encoding: no run directory for a run that never started
+        raise Stopped("stopped after encoding the latent cache")
     model, raw_model, ema, optimizer = _prepare(cfg, model, accelerator)
     batches = LatentBatches(
         cache,
@@ -148,7 +151,7 @@ def setup(
     )
     if resume is None:
         on_main(accelerator, lambda: _start_files(trainer, cache_root))
-    elif not _resume(trainer, resume[1]):
+    elif not _resume(trainer, resume):
         return None
     if cfg.train.eval_every:
         trainer.evaluator = on_main(accelerator, lambda: _evaluator(cfg, vae.in_channels, options.cache_dir))
@@ -213,12 +216,13 @@ def _evaluator(cfg: ExperimentConfig, channels: int, cache_dir: Optional[Path]) 
     return {"net": net, "references": references_for_run(cfg.data, net, channels, cache_dir=cache_dir)}
 
 
-def _resume(trainer: Trainer, ckpt_dir: Path) -> bool:
-    """Restore everything from ``ckpt_dir``; False when the run has nothing left to do."""
+def _resume(trainer: Trainer, resume: Resume) -> bool:
+    """Restore everything from the checkpoint; False when the run has nothing left to do."""
     import json
 
-    cfg, manager = trainer.cfg, trainer.checkpoints
+    cfg, manager, ckpt_dir = trainer.cfg, trainer.checkpoints, resume.checkpoint
     st, changes = manager.restore(trainer, ckpt_dir)
+    on_main(trainer.accelerator, lambda: manager.set_aside_damaged(trainer, resume))
     trainer.state = st
     run_dir = trainer.run_dir
     if st.epoch >= cfg.train.epochs and st.iteration == 0:

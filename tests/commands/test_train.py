@@ -234,10 +234,13 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_epoch_of_only_skipped_steps_says_so(tmp_path):
-    proc = run_main("--config", SMOKE, "--output-dir", tmp_path, env={"LATENTFLOW_FAULTS": "nonfinite=1,2,3,4"})
-    assert "epoch   1/2  loss n/a (all 4 steps skipped: non-finite)" in proc.stdout
-    assert log_records(the_run(tmp_path), "epoch")[0]["loss"] is None
+def test_an_epoch_of_only_skipped_steps_ends_the_run_without_an_export(tmp_path):
+    proc = run_main(
+        "--config", SMOKE, "--output-dir", tmp_path, env={"LATENTFLOW_FAULTS": "nonfinite=1,2,3,4"}, check=False
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: every step of epoch 1 was ")
+    run = the_run(tmp_path)
+    assert not (run / "export").exists() and not log_records(run, "epoch")
 
 
 @pytest.mark.slow
@@ -271,9 +274,15 @@ def test_resume_extends_a_finished_run_and_refuses_another_experiment(reference,
 def test_resume_latest_finds_only_runs_of_exactly_this_experiment(reference, tmp_path):
     out, ref_run = reference
     shutil.copytree(ref_run, tmp_path / ref_run.name)
-    # the same experiment without the overrides is another run: start fresh, and say so
-    proc = run_main("--config", SMOKE, "--resume", "latest", "--output-dir", tmp_path, "--set", "train.epochs=1")
-    assert "no checkpoint of experiment 'smoke'" in proc.stdout and "starting fresh" in proc.stdout
+    # the same experiment without the overrides that changed what it trains: refused, not a fresh run
+    proc = run_main(
+        "--config", SMOKE, "--resume", "latest", "--output-dir", tmp_path, "--set", "train.epochs=1", check=False
+    )
+    assert proc.returncode == 2 and "the newest run of experiment 'smoke'" in proc.stderr
+    assert "data.max_items=256" in proc.stderr and "drop the --set overrides that differ" in proc.stderr
+    assert len(list(tmp_path.iterdir())) == 1  # no new run
+    other = run_main("--config", SMOKE, "--resume", "latest", "--output-dir", tmp_path / "elsewhere")
+    assert "no checkpoint of experiment 'smoke'" in other.stdout and "starting fresh" in other.stdout
 
 
 @pytest.mark.slow

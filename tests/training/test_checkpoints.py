@@ -65,12 +65,30 @@ def test_rotation_orders_by_step_and_only_complete_checkpoints_count(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_00000300"
 
 
+def without_hashes(path):
+    """The checkpoint as earlier releases wrote it: no recorded hashes."""
+    state = json.loads((path / "state.json").read_text())
+    del state["files"]
+    (path / "state.json").write_text(json.dumps(state))
+
+
 def test_a_damaged_checkpoint_is_named_with_its_part(tmp_path):
     path = save(tmp_path, 10)
+    model = path / "model.safetensors"
+    damaged = bytearray(model.read_bytes())
+    damaged[-4:] = b"\x00\x00\x80\x3f"  # finite garbage of the same size: only the hash tells
+    model.write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match=r"model.safetensors does not match the hash its state.json records"):
+        load_checkpoint(path)
+    without_hashes(path)
+    load_checkpoint(path)  # an earlier release's checkpoint: taken as it is
+    path = save(tmp_path, 15)
+    without_hashes(path)
     (path / "model.safetensors").write_bytes(b"truncated")
     with pytest.raises(CheckpointError, match=r"model.safetensors cannot be loaded .*use an earlier checkpoint"):
         load_checkpoint(path)
     path = save(tmp_path, 20)
+    without_hashes(path)
     (path / "optimizer.pt").write_bytes(pickle.dumps(object()))  # pickled objects: refused safely
     with pytest.raises(CheckpointError, match="pickled Python objects, which are not loaded for safety"):
         load_checkpoint(path)
@@ -82,14 +100,31 @@ def test_a_damaged_checkpoint_is_named_with_its_part(tmp_path):
         read_state(path)
 
 
+def test_resume_passes_over_damaged_and_incomplete_checkpoints(tmp_path):
+    run = new_run_dir(tmp_path, "exp")
+    save(run, 10, keep=10)
+    save(run, 20, keep=10)
+    third = save(run, 30, keep=10)
+    (third / "ema.safetensors").write_bytes((third / "ema.safetensors").read_bytes()[::-1])  # same size, garbage
+    (run / "checkpoints" / "step_00000040").mkdir()  # its state.json never written
+    resume = resolve_resume("latest", tmp_path, "exp")
+    assert resume.checkpoint.name == "step_00000020"
+    assert [(p.name, why.split(" (")[0]) for p, why in resume.skipped] == [
+        ("step_00000040", "is incomplete"),
+        ("step_00000030", "ema.safetensors does not match the hash its state.json records"),
+    ]
+    with pytest.raises(CheckpointError, match="ema.safetensors does not match"):
+        resolve_resume(str(third), tmp_path, "exp")  # asked for by name: refused, not replaced
+
+
 def test_resolve_resume(tmp_path):
     assert resolve_resume("latest", tmp_path, "exp") is None  # nothing saved: start fresh
     run = new_run_dir(tmp_path, "exp")
     save(run, 10)
     save(run, 20)
-    assert resolve_resume("latest", tmp_path, "exp") == (run, run / "checkpoints" / "step_00000020")
+    assert resolve_resume("latest", tmp_path, "exp")[:2] == (run, run / "checkpoints" / "step_00000020")
     assert resolve_resume(str(run), tmp_path, "exp")[1].name == "step_00000020"
-    assert resolve_resume(str(run / "checkpoints" / "step_00000010"), tmp_path, "exp") == (
+    assert resolve_resume(str(run / "checkpoints" / "step_00000010"), tmp_path, "exp")[:2] == (
         run,
         run / "checkpoints" / "step_00000010",
     )

@@ -10,6 +10,7 @@ from latentflow.console import Console
 from latentflow.distributed import make_accelerator
 from latentflow.faults import Faults
 from latentflow.signals import StopRequest
+from latentflow.training.checkpoints import Resume
 from latentflow.training.loop import end_of_epoch, train_one_epoch, train_step
 from latentflow.training.setup import setup
 from latentflow.training.state import RunOptions
@@ -83,7 +84,7 @@ def test_an_epoch_end_checkpoint_resumes_bit_for_bit(make_trainer):
     assert checkpoint.name == "step_00000004" and (first.run_dir / "figures" / "epoch_001.png").is_file()
     train_one_epoch(first, 1)  # the uninterrupted second epoch
     make_trainer.release()
-    resumed = make_trainer("train.epochs=2", resume=(first.run_dir, checkpoint))
+    resumed = make_trainer("train.epochs=2", resume=Resume(first.run_dir, checkpoint))
     assert resumed.state.epoch == 1 and resumed.state.step == 4
     train_one_epoch(resumed, 1)
     for a, b in zip(weights(first.raw_model), weights(resumed.raw_model)):
