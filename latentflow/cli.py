@@ -127,10 +127,10 @@ def sampling(num_samples: int):
 
 FEATURE_NET = arg(
     "--feature-net",
-    choices=FEATURE_NETS,
     default="auto",
+    metavar="{" + ",".join(FEATURE_NETS) + "}|DIR",
     help="feature space: the shipped digit net for MNIST (digits; digits-pooled is the earlier one), Inception "
-    "where its weights are local (default: auto)",
+    "where its weights are local, or a net from train-classifier for other data (default: auto)",
 )
 
 
@@ -234,6 +234,14 @@ COMMANDS: Dict[str, Command] = {
             ),
             arg("--unconditional", action="store_true", help="sample without labels (FD only)"),
             FEATURE_NET,
+            arg(
+                "--set",
+                dest="overrides",
+                action="append",
+                default=[],
+                metavar="data.KEY=VALUE",
+                help="read the real images with other data settings than the run's, e.g. --set data.path=DIR",
+            ),
             arg(
                 "--reference",
                 type=Path,
@@ -360,28 +368,36 @@ COMMANDS: Dict[str, Command] = {
     ),
     "train-vae": Command(
         "train_vae",
-        "train a small MNIST AutoencoderKL like the one latentflow ships",
-        "python main.py train-vae --epochs 20",
+        "train an AutoencoderKL for an experiment's data (grey or colour), for vae.pretrained",
+        "python main.py train-vae --set data.source=folder --set data.path=DIR --set autoencoder.epochs=30",
         (
-            arg("--out", type=Path, default=None, help="output directory (default: runs/mnist-vae-<timestamp>)"),
-            arg("--epochs", type=int, default=20, help="passes over the 4 500 training digits (default 20)"),
-            arg("--batch-size", type=int, default=64, help="batch size (default 64)"),
-            arg("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)"),
-            arg("--kl-weight", type=float, default=1e-6, help="weight of the KL term (default 1e-6)"),
-            arg("--max-items", type=int, default=None, help="train on the first N digits only"),
-            arg("--seed", type=int, default=0, help="seed (default 0)"),
+            *EXPERIMENT,
+            arg("--output-dir", type=Path, default=Path("runs"), help="parent of run directories (default: runs)"),
+            arg(
+                "--resume",
+                default=None,
+                metavar="latest|DIR",
+                help="continue a VAE run: 'latest', a run directory or one of its checkpoints",
+            ),
+            arg("--out", type=Path, default=None, help="where the AutoencoderKL goes (default: RUN/vae)"),
+            arg("--epochs", type=int, default=None, help="shortcut for --set autoencoder.epochs=N"),
+            arg("--batch-size", type=int, default=None, help="shortcut for --set autoencoder.batch_size=N"),
+            arg("--lr", type=float, default=None, help="shortcut for --set autoencoder.lr=X"),
+            arg("--kl-weight", type=float, default=None, help="shortcut for --set autoencoder.kl_weight=X"),
+            arg("--max-items", type=int, default=None, help="shortcut for --set data.max_items=N"),
+            arg("--seed", type=int, default=None, help="shortcut for --set train.seed=N"),
             overwrite("a non-empty --out directory"),
             cpu("train"),
         ),
     ),
     "train-classifier": Command(
         "train_classifier",
-        "train the digit net that evaluate uses as its feature space, on an experiment's digits",
-        "python main.py train-classifier --set data.path=data/mnist --epochs 6",
+        "train the classifier net that evaluate uses as its feature space, on an experiment's labelled data",
+        "python main.py train-classifier --set data.source=folder --set data.path=DIR",
         (
             *EXPERIMENT,
-            arg("--out", type=Path, default=None, help="output directory (default: runs/digit-net-<timestamp>)"),
-            arg("--epochs", type=int, default=6, help="epochs (default 6)"),
+            arg("--out", type=Path, default=None, help="output directory (default: runs/<name>-classifier-<time>)"),
+            arg("--epochs", type=int, default=None, help="epochs (default: 6 for MNIST, else about 300 steps)"),
             arg("--seed", type=int, default=0, help="seed (default 0)"),
             overwrite("a non-empty --out directory"),
         ),
@@ -560,7 +576,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "train")
     args = build_parser().parse_args(argv)
-    args.argv = argv[1:] if argv and argv[0] == "train" else argv
+    args.argv = argv[1:] if argv and argv[0] in ("train", "train-vae") else argv
     problem = _check_flags(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

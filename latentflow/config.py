@@ -27,6 +27,7 @@ from .bounded import BoundsError, read_yaml
 from .errors import ConfigError
 
 __all__ = [
+    "AutoencoderConfig",
     "CONTINUABLE_FIELDS",
     "DataConfig",
     "ExperimentConfig",
@@ -43,8 +44,10 @@ __all__ = [
     "experiment_file",
     "load_config",
     "read_yaml_mapping",
+    "recorded_overrides",
     "save_config",
     "section_from_dict",
+    "with_overrides",
 ]
 
 EXPERIMENTS = Path(__file__).resolve().parent / "experiments"  # the built-in experiment files
@@ -77,6 +80,9 @@ class DataConfig:
     """folder: skip (and count) files that cannot be used, instead of stopping at the first."""
     max_bad_fraction: float = 0.01
     """folder, with skip_bad_images: stop if more than this fraction of the files is bad."""
+    convert_to_gray: bool = False
+    """Colour images with a 1-channel VAE are refused (the run would silently train on grey
+    versions); true trains on the grey versions, knowingly."""
     decode_workers: int = 4
     """folder: DataLoader worker processes that decode images while encoding the cache."""
     val_fraction: float = 0.0
@@ -286,6 +292,55 @@ class TrainConfig:
             _at_most(f"train.{key}", getattr(self, key), limit, what)
 
 
+@dataclass
+class AutoencoderConfig:
+    """What ``train-vae`` trains for the experiment's data: a small ``AutoencoderKL`` whose
+    directory then serves as ``vae.pretrained``. The flow trainer ignores this section."""
+
+    block_out_channels: List[int] = field(default_factory=lambda: [16, 32, 64])
+    """Channels per resolution level; each level after the first halves the side (3 levels:
+    32 px -> 8 px latents). The shipped MNIST VAE uses [16, 32, 64]."""
+    latent_channels: int = 4
+    """Channels of the latent."""
+    layers_per_block: int = 1
+    """ResNet layers per level in the encoder (the decoder has one more)."""
+    epochs: int = 20
+    """Passes over the training images."""
+    batch_size: int = 64
+    """Images per step."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate (cosine decay to 5 % of it)."""
+    kl_weight: float = 1e-6
+    """Weight of the KL term (per pixel) against the reconstruction MSE."""
+    held_out: float = 0.1
+    """npz and folder data: the fraction of images (a seeded choice) kept out of training for
+    PSNR/SSIM; MNIST uses its test split."""
+
+    def validate(self) -> None:
+        for key in ("latent_channels", "layers_per_block", "epochs", "batch_size", "lr"):
+            _positive(f"autoencoder.{key}", getattr(self, key))
+        if not self.block_out_channels or min(self.block_out_channels) < 1:
+            raise ConfigError(
+                f"autoencoder.block_out_channels must be a list of channel counts >= 1, got {self.block_out_channels}"
+            )
+        groups = min(32, min(self.block_out_channels))  # of the group norms
+        if any(c % groups for c in self.block_out_channels):
+            raise ConfigError(
+                f"autoencoder.block_out_channels {self.block_out_channels}: each must be a multiple of {groups} "
+                "(the group norms' groups: the smallest count, at most 32)"
+            )
+        if self.kl_weight < 0:
+            raise ConfigError(f"autoencoder.kl_weight must be >= 0, got {self.kl_weight}")
+        if not 0.0 < self.held_out <= 0.5:
+            raise ConfigError(f"autoencoder.held_out must lie in (0, 0.5], got {self.held_out}")
+        _at_most("autoencoder.latent_channels", self.latent_channels, 64, "latent channels")
+        _at_most("autoencoder.layers_per_block", self.layers_per_block, 8, "layers per level")
+        _at_most("autoencoder.epochs", self.epochs, 10**6, "passes over the data")
+        _at_most("autoencoder.batch_size", self.batch_size, 2**16, "images per step")
+        _at_most("autoencoder.block_out_channels", len(self.block_out_channels), 8, "levels")
+        _at_most("autoencoder.block_out_channels", max(self.block_out_channels), 4096, "channels per level")
+
+
 # Fields that may differ when a run is continued, and that do not name a run: they extend or
 # re-pace training, or say how (not what) to compute. Any other difference makes --resume
 # refuse the run.
@@ -316,6 +371,7 @@ class ExperimentConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
     def validate(self) -> ExperimentConfig:
         if (
@@ -329,7 +385,7 @@ class ExperimentConfig:
                 f"name {_show(self.name)} must be a plain directory name: up to 100 printable characters, no / \\ : * "
                 '? " < > |, not starting with a dot'
             )
-        for section in (self.data, self.vae, self.model, self.flow, self.sampler, self.train):
+        for section in (self.data, self.vae, self.model, self.flow, self.sampler, self.train, self.autoencoder):
             section.validate()
         return self
 
@@ -520,9 +576,35 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         raise ConfigError(f"{exc}{where}") from None
 
 
-def save_config(cfg: ExperimentConfig, path: Path) -> None:
+def with_overrides(cfg: ExperimentConfig, overrides: Sequence[str], sections: Sequence[str] = ()) -> ExperimentConfig:
+    """``cfg`` with ``--set`` overrides on top, validated; with ``sections``, overrides of any
+    other section are refused (``evaluate`` changes how data is read, not what was trained)."""
+    values = config_to_dict(cfg)
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if sections and key.split(".")[0] not in sections:
+            raise ConfigError(f"--set {_show(override)}: only {', '.join(s + '.*' for s in sections)} can change here")
+        _apply_override(values, override)
+    return config_from_dict(values)
+
+
+def recorded_overrides(path: Path) -> List[str]:
+    """The ``--set`` overrides listed at the top of a run's ``config.yaml``."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    return [line[len("# --set ") :] for line in lines if line.startswith("# --set ")]
+
+
+def save_config(cfg: ExperimentConfig, path: Path, overrides: Sequence[str] = ()) -> None:
     """Write the resolved experiment as YAML (atomically): a run's ``config.yaml``, an
-    export's ``experiment.yaml``."""
+    export's ``experiment.yaml``; ``overrides`` (the ``--set`` values it was started with)
+    head it as comments."""
     from .files import FIX_RUN, write_text_atomic
 
-    write_text_atomic(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config", FIX_RUN)
+    head = "".join(f"# --set {o}\n" for o in overrides)
+    if head:
+        head = "# started with these overrides (already applied below):\n" + head
+    text = head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    write_text_atomic(Path(path), text, "config", FIX_RUN)

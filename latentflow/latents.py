@@ -53,6 +53,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 
 from .console import Console
+from .data import bad_file_error, bad_file_policy
 from .distributed import on_main
 from .errors import DataError, LatentflowError, Stopped
 from .faults import Faults
@@ -229,10 +230,6 @@ def cache_metadata(
     }
 
 
-def _bad_file_error(path: str, reason: str) -> DataError:
-    return DataError(f"{path}: {reason}; fix or remove it, or set data.skip_bad_images=true to skip bad files")
-
-
 # --- encoding -------------------------------------------------------------------------------
 
 
@@ -268,7 +265,7 @@ def encode_items(
         for i, reason in zip(idx.tolist(), reasons):
             if reason:
                 if not skip_bad:
-                    raise _bad_file_error(str(dataset.files[i]), reason)
+                    raise bad_file_error(str(dataset.files[i]), reason)
                 bad.append((str(dataset.files[i]), reason))
         if not good.all():
             images, y, idx = images[good], y[good], idx[good]
@@ -404,21 +401,9 @@ def _wait_for(root: Path, todo: List[int], build: str, say: Callable, stall_s: f
 
 def _report_bad(cache: LatentCache, dataset, cfg, say: Callable) -> None:
     """Apply the bad-file policy to a cache built (or read) with some files skipped."""
-    if not cache.bad_files:
-        return
-    if cfg is None or not cfg.skip_bad_images:
-        raise _bad_file_error(*cache.bad_files[0])
-    fraction = len(cache.bad_files) / len(dataset)
-    first = "; ".join(f"{p}: {r}" for p, r in cache.bad_files[:3])
-    if fraction > cfg.max_bad_fraction:
-        raise DataError(
-            f"{len(cache.bad_files)} of {len(dataset)} files of {dataset.origin} are bad ({fraction:.1%}, more than "
-            f"data.max_bad_fraction={cfg.max_bad_fraction:g}); first: {first}"
-        )
-    say(
-        f"skipped {len(cache.bad_files)} bad file(s) of {len(dataset)} ({fraction:.2%}): {first}"
-        + (" ..." if len(cache.bad_files) > 3 else "")
-    )
+    line = bad_file_policy(cache.bad_files, len(dataset), dataset.origin, cfg)
+    if line:
+        say(line)
 
 
 def _check_manifest(root: Path, cache_dir: Path, metadata: Dict[str, str], plan, say: Callable) -> None:

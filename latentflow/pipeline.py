@@ -61,6 +61,17 @@ class LatentFlowPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "transformer->vae"
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """A pipeline directory is read by latentflow itself: the backbone class comes from
+        latentflow's registry and the weights must be safetensors, so an export never runs
+        code of its own (its ``latentflow_pipeline.py`` is for plain diffusers). Anything
+        else (a Hub id) goes through diffusers' loader."""
+        path = Path(pretrained_model_name_or_path)
+        if path.is_dir() and (path / "model_index.json").is_file():
+            return _read_pipeline_dir(cls, path, kwargs.pop("torch_dtype", None))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def __init__(
         self,
         transformer,
@@ -289,10 +300,62 @@ def save_pipeline(pipe: LatentFlowPipeline, out: Path, cfg: ExperimentConfig, in
     nbytes += sum(p.numel() * p.element_size() for p in pipe.vae.parameters())
     with atomic_dir(out, "export", nbytes) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        _as_custom_pipeline(tmp)
         save_config(cfg, tmp / "experiment.yaml")
         files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / "latentflow.json").write_text(json.dumps({"format": 2, **info, "files": files}, indent=2))
     return out
+
+
+CUSTOM_MODULE = "latentflow_pipeline"  # the module file plain diffusers imports the class from
+_CUSTOM_SOURCE = '''"""The pipeline class of this export, for plain diffusers:
+
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(THIS_DIRECTORY, trust_remote_code=True)
+
+It needs latentflow installed (pip install latentflow); LatentFlowPipeline.from_pretrained
+reads the directory without this file.
+"""
+
+from latentflow.pipeline import LatentFlowPipeline
+
+__all__ = ["LatentFlowPipeline"]
+'''
+
+
+def _as_custom_pipeline(directory: Path) -> None:
+    """Make a saved pipeline loadable by plain diffusers: the module file, and ``_class_name``
+    as [module, class] in model_index.json (diffusers' convention for pipelines outside it)."""
+    (directory / f"{CUSTOM_MODULE}.py").write_text(_CUSTOM_SOURCE)
+    index = json.loads((directory / "model_index.json").read_text())
+    index["_class_name"] = [CUSTOM_MODULE, "LatentFlowPipeline"]
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def _read_pipeline_dir(cls, path: Path, dtype=None) -> LatentFlowPipeline:
+    """A pipeline directory as latentflow writes it (any release): model_index.json for the
+    settings, transformer/ (a registered backbone) and vae/ (an AutoencoderKL), safetensors only."""
+    import inspect
+
+    from diffusers import AutoencoderKL
+
+    from .models import MODEL_CLASSES
+
+    index = _read_json(path / "model_index.json")
+    kind = index.get("transformer")
+    name = kind[1] if isinstance(kind, list) and len(kind) == 2 else None
+    if name not in MODEL_CLASSES:
+        raise CheckpointError(
+            f"{path}/model_index.json names transformer {kind!r}, not a latentflow backbone "
+            f"({', '.join(MODEL_CLASSES)})"
+        )
+    with warnings.catch_warnings(), _quiet_diffusers():
+        warnings.simplefilter("ignore")
+        transformer = MODEL_CLASSES[name].from_pretrained(path / "transformer", use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "transformer", "vae"}
+    pipe = cls(transformer=transformer, vae=vae, **{k: v for k, v in index.items() if k in accepted})
+    return pipe.to(dtype=dtype) if dtype is not None else pipe
 
 
 def _damaged_file(export: Path, info: dict) -> Optional[str]:
@@ -416,9 +479,7 @@ def _from_export(src: Source) -> tuple:
                 f"code); weights must be safetensors: {fix}"
             )
     try:
-        with warnings.catch_warnings(), _quiet_diffusers():
-            warnings.simplefilter("ignore")
-            pipe = LatentFlowPipeline.from_pretrained(src.path, use_safetensors=True)
+        pipe = LatentFlowPipeline.from_pretrained(src.path)
     except LatentflowError as exc:
         raise CheckpointError(f"{src.path}: {exc}") from None
     except Exception as exc:  # diffusers' loaders raise OSError, ValueError, RuntimeError, ...

@@ -13,7 +13,8 @@ from typing import Dict
 import torch
 
 from .config import DataConfig
-from .data import build_dataset, to_uint8
+from .data import build_dataset, image_batches, to_uint8
+from .errors import DataError
 from .figures import save_reconstruction_figure
 from .metrics import reconstruction_metrics
 from .vae import FrozenVAE
@@ -28,18 +29,20 @@ def reconstruct(
     """Encode (posterior mean) and decode the first ``num_images`` images of ``data``; return
     PSNR, SSIM and the scaled latents' statistics, and draw the first ``show`` to ``figure``."""
     dataset = build_dataset(data, channels=vae.in_channels)
-    n = min(num_images, len(dataset))
-    originals, recons, latents = [], [], []
-    for start in range(0, n, batch_size):
-        x = torch.stack([dataset[i][0] for i in range(start, min(n, start + batch_size))])  # (B, C, H, W)
+    originals, recons, latents, skipped = [], [], [], []
+    for x, _ in image_batches(dataset, num_images, batch_size, data.skip_bad_images, skipped):  # (B, C, H, W)
         mean, std = vae.encode(x)
         recons.append(vae.autoencoder.decode(mean).sample.clamp(-1, 1).cpu())
         originals.append(x)
         latents.append(vae.scale(mean + std * torch.randn_like(std)).cpu())
+    if not originals:
+        raise DataError(f"{data.path or data.source}: no usable image to reconstruct; check data.path")
     originals, recons, latents = torch.cat(originals), torch.cat(recons), torch.cat(latents)
+    n = len(originals)
     metrics = reconstruction_metrics(recons, originals)
     metrics.update(
         num_images=n,
+        skipped_files=len(skipped),
         latent_mean=latents.mean().item(),
         latent_std=latents.std().item(),
         latent_channel_mean=latents.mean(dim=(0, 2, 3)).tolist(),

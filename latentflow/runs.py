@@ -3,7 +3,7 @@ run holds and how they are read, and what a path on the command line points to.
 
 A run lives in one directory, never reused by another run::
 
-    <output-dir>/<name>[+key=value...]-<YYYYmmdd-HHMMSS>/
+    <output-dir>/<name>[+<hash>]-<YYYYmmdd-HHMMSS>/
         .lock                       pid and host of the one process that trains it
         config.yaml                 the resolved experiment config
         log.jsonl                   one JSON record per log interval and per epoch
@@ -12,8 +12,9 @@ A run lives in one directory, never reused by another run::
                                     rng.pt, state.json
         export/                     a LatentFlowPipeline directory (see pipeline.py)
 
-The ``+key=value`` part names the ``--set`` overrides that change what is trained, so that
-``--resume latest`` finds the run that was started with the same overrides.
+The ``+<hash>`` part is a short hash of the ``--set`` overrides that change what is trained
+(listed at the top of ``config.yaml``), so that ``--resume latest`` finds the run that was
+started with the same overrides.
 
 A checkpoint directory under its final name is complete (``training.checkpoints`` writes it
 atomically). ``state.json`` describes it fully (backbone class and constructor arguments,
@@ -24,6 +25,7 @@ need nothing else. Weights load with safetensors, the optimizer and random state
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 import time
@@ -48,9 +50,11 @@ __all__ = [
     "usable_checkpoint",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_part",
     "new_run_dir",
     "read_state",
     "resolve_source",
+    "naming_overrides",
     "run_base_name",
     "runs_of",
 ]
@@ -71,17 +75,30 @@ CHECKPOINT_FILES = {
 # --- run directories ------------------------------------------------------------------------
 
 
-def run_base_name(name: str, overrides: Sequence[str] = ()) -> str:
-    """``name`` plus the ``--set`` overrides that change what is trained (``+model.name=DiT-S_2``);
-    overrides of the fields a continued run may change do not rename it."""
-    tags = []
+FLOW_RUN_IGNORES = (*CONTINUABLE_FIELDS, "autoencoder")  # autoencoder.*: what train-vae trains
+
+
+def naming_overrides(overrides: Sequence[str] = (), ignore: Sequence[str] = FLOW_RUN_IGNORES) -> List[str]:
+    """The ``--set`` overrides that change what is trained, as sorted ``key=value`` strings:
+    overrides of ``ignore`` (fields, or whole sections, that a continued run may change) and
+    of ``name`` do not count, so that ``--resume latest`` still finds a run extended with more
+    epochs."""
+    kept = set()
     for item in overrides:
         key, _, value = item.partition("=")
         key = key.strip()
-        if key == "name" or key in CONTINUABLE_FIELDS:
-            continue
-        tags.append(f"+{key}={re.sub(r'[^A-Za-z0-9._-]', '_', value.strip())}")
-    return name + "".join(sorted(tags))
+        if key != "name" and key not in ignore and key.split(".")[0] not in ignore:
+            kept.add(f"{key}={value.strip()}")
+    return sorted(kept)
+
+
+def run_base_name(name: str, overrides: Sequence[str] = (), ignore: Sequence[str] = FLOW_RUN_IGNORES) -> str:
+    """``name``, plus ``+`` and a short hash of the overrides that change what is trained
+    (``default+3f9a1c2e``); the overrides themselves head the run's ``config.yaml``."""
+    tags = naming_overrides(overrides, ignore)
+    if not tags:
+        return name
+    return f"{name}+{hashlib.sha256(chr(10).join(tags).encode()).hexdigest()[:8]}"
 
 
 def new_run_dir(output_dir: Path, base: str) -> Path:
@@ -230,7 +247,8 @@ def read_state(ckpt: Path) -> dict:
     return state
 
 
-def _load_part(path: Path):
+def load_part(path: Path):
+    """One checkpoint file: safetensors, or a pickle of plain data (``weights_only``)."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -279,7 +297,7 @@ def load_checkpoint(
     if why:
         raise CheckpointError(f"checkpoint {ckpt}: {why}; use an earlier one")
     for part in parts:
-        out[part] = _load_part(ckpt / CHECKPOINT_FILES[part])
+        out[part] = load_part(ckpt / CHECKPOINT_FILES[part])
     rng = out.get("rng")
     if "rng" in parts and (not isinstance(rng, dict) or not isinstance(rng.get("ranks"), list)):
         raise CheckpointError(

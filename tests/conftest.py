@@ -25,10 +25,11 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 def make_tiny_vae(path: Path, in_channels: int = 1, channels=(8, 8, 8), scaling_factor=0.7, shift_factor=0.1, seed=0):
+    from latentflow.config import AutoencoderConfig
     from latentflow.training.vae import build_autoencoder
 
     torch.manual_seed(seed)
-    vae = build_autoencoder(in_channels, channels, latent_channels=4, sample_size=32)
+    vae = build_autoencoder(in_channels, AutoencoderConfig(block_out_channels=list(channels), latent_channels=4), 32)
     vae.register_to_config(scaling_factor=scaling_factor, shift_factor=shift_factor)
     vae.save_pretrained(path)
     return path

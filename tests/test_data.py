@@ -186,12 +186,12 @@ def test_truncated_idx_header(tmp_path):
 
 
 def test_an_image_size_that_cannot_fit_in_memory_is_refused():
-    from latentflow.data import _check_memory
+    from latentflow.data import check_memory
 
     with pytest.raises(DataError, match=r"under half of data.image_size=4096; set data.image_size to at most 56"):
         build_dataset(DataConfig(image_size=4096, max_items=64), 1)
     with pytest.raises(DataError, match=r"data.image_size=4096 need about .* GB in memory"):
-        _check_memory(60_000, 3, 4096, "x.npz")
+        check_memory(60_000, 3, 4096, "x.npz")
 
 
 @pytest.mark.parametrize(

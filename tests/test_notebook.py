@@ -37,4 +37,4 @@ def test_the_notebook_executes_on_cpu():
         fresh, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
     ).execute()  # raises on a failing cell
     last = "".join(o.get("text", "") for o in fresh.cells[-1].outputs)
-    assert "accuracy" in last and "held-out" in last
+    assert "accuracy" in last and "mnist-test" in last

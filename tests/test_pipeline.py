@@ -10,6 +10,7 @@ from PIL import Image
 from latentflow import LatentFlowPipeline
 from latentflow.config import ExperimentConfig
 from latentflow.errors import CheckpointError, LatentflowError
+from latentflow.files import file_sha256
 from latentflow.models import create_model
 from latentflow.pipeline import load_pipeline, pipeline_from_parts, save_pipeline
 from latentflow.vae import FrozenVAE
@@ -160,5 +161,9 @@ def test_a_changed_vae_or_diverged_weights_are_refused(smoke_run, tmp_path):
     state = load_file(str(weights))
     next(iter(state.values())).fill_(float("nan"))
     save_file(state, str(weights))
+    # exported so by a run that diverged: the recorded digests match the non-finite weights
+    info = json.loads((nan / "latentflow.json").read_text())
+    info["files"]["transformer/diffusion_pytorch_model.safetensors"] = file_sha256(weights)
+    (nan / "latentflow.json").write_text(json.dumps(info))
     proc = run_main("sample", "--checkpoint", nan, "--out", tmp_path / "s.png", check=False)
     assert proc.returncode == 2 and "non-finite weights (its training diverged)" in proc.stderr

@@ -16,12 +16,14 @@ def test_run_directories_never_collide_and_latest_matches_the_exact_experiment(t
     assert sorted(runs_of(tmp_path, "exp")) == sorted(runs)
 
 
-def test_overrides_that_change_the_experiment_name_the_run():
-    assert (
-        run_base_name("default", ["model.name=DiT-S/2", "train.lr=2e-3"]) == "default+model.name=DiT-S_2+train.lr=2e-3"
-    )
+def test_overrides_that_change_the_experiment_name_the_run_with_a_short_hash():
+    name = run_base_name("default", ["model.name=DiT-S/2", "train.lr=2e-3"])
+    assert name.startswith("default+") and len(name) == len("default+") + 8
+    assert run_base_name("default", ["train.lr=2e-3", " model.name=DiT-S/2"]) == name  # order and spaces do not matter
+    assert run_base_name("default", ["model.name=DiT-S/2", "train.lr=3e-3"]) != name
     # fields a continued run may change do not rename it, so --resume latest still finds it
     assert run_base_name("default", ["train.epochs=80", "train.checkpoint_every=100"]) == "default"
+    assert run_base_name("default", ["autoencoder.epochs=3"]) == "default"  # train-vae's section
 
 
 def test_sources_an_export_a_run_and_a_checkpoint(tmp_path):

@@ -136,9 +136,10 @@ show(frames.reshape(-1, *frames.shape[2:]), rows=10,
         "markdown",
         """## 5. Score it
 
-`evaluate_model` samples again and compares with real digits: the accuracy of a digit
-classifier on the samples, and the Fréchet distance in its feature space to the training
-and held-out digits, beside the floor a real held-out set of the same size reaches.""",
+`evaluate_model` samples again and compares with real digits: the accuracy of the shipped
+digit classifier on the samples, and the Fréchet distance in its feature space to the MNIST
+test and training sets, beside the floor: the distance the digits this model was trained on
+reach at the same sample size.""",
     ),
     (
         "code",

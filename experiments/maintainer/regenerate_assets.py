@@ -30,10 +30,11 @@ from mnist_pickle import SHA256, WHEEL, mnist_digits
 
 from latentflow.commands import TERMINAL
 from latentflow.commands.train_vae import train_vae
+from latentflow.config import load_config
 from latentflow.evaluation.features import DIGIT_FEATURES_DIR, DigitNet
 from latentflow.files import check_output
 from latentflow.training.classifier import digit_features, fit_digit_net, save_digit_net
-from latentflow.training.vae import VAETrainArgs
+from latentflow.training.vae import VAEOptions
 from latentflow.vae import EMBEDDED_VAE
 
 
@@ -72,7 +73,8 @@ def main() -> int:
         print(f"this replaces {target}; pass --yes to confirm")
         return 2
     if args.asset == "vae":
-        train_vae(VAETrainArgs(out=str(EMBEDDED_VAE), overwrite=True, replace_shipped=True))
+        options = VAEOptions(output_dir=Path("runs"), out=EMBEDDED_VAE, overwrite=True, replace_shipped=True)
+        train_vae(load_config("default", ["train.log_with=none"]), options)  # the autoencoder section's defaults
     else:
         regenerate_digits()
     return 0

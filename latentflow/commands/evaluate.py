@@ -9,11 +9,11 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, ExperimentConfig, with_overrides
 from ..files import check_output, write_text_atomic
 from ..pipeline import load_pipeline
 from . import default_output, device_for, say
@@ -40,19 +40,24 @@ def evaluate_model(
     overwrite: bool = False,
     device=None,
     names: Optional[Dict[str, str]] = None,
+    data_overrides: Sequence[str] = (),
 ) -> Dict:
     """Sample from any model source and score the samples (``evaluation``). With
     ``solver_error=N``, also the RMS distance of the first N samples' latents from dopri5's
-    at tolerance 1e-6. Writes the report as JSON (default ``RUN/eval/<settings>.json``) and
-    returns it, with a one-line ``summary``."""
+    at tolerance 1e-6. Real images are read by the run's own data settings (its bad-file
+    policy included), with ``data_overrides`` (``data.key=value``) on top. Writes the report
+    as JSON (default ``RUN/eval/<settings>.json``) and returns it, with a one-line ``summary``."""
     from ..evaluation import evaluate_images, feature_net, references_for_run, summary_line
 
     if out is not None:
         check_output(Path(out), overwrite)
     pipe, cfg, _ = load_pipeline(source, device, with_info=True)
+    if data_overrides:
+        cfg = with_overrides(cfg or ExperimentConfig(), data_overrides, sections=("data",))
     data = cfg.data if cfg is not None else DataConfig()
     channels = int(pipe.vae.config.in_channels)
-    net = feature_net(feature_net_choice, data, channels, data.image_size)
+    flag = (names or {}).get("feature_net", "feature_net_choice")
+    net = feature_net(feature_net_choice, data, channels, data.image_size, flag=flag)
     sampler = dict(solver=solver, steps=steps, cfg_scale=cfg_scale, guidance_interval=guidance_interval)
     labels, settings = pipe.resolve("none" if unconditional else "all", num_samples, names, **sampler)
     references = references_for_run(data, net, channels, reference)
@@ -135,5 +140,6 @@ def main(args) -> None:
         overwrite=args.overwrite,
         device=device_for(args.cpu),
         names=FLAG_NAMES,
+        data_overrides=args.overrides,
     )
     say(report["summary"])

@@ -27,4 +27,7 @@ def export(source: Path, out: Path, overwrite: bool = False) -> Path:
 
 def main(args) -> None:
     out = export(args.checkpoint, args.out, overwrite=args.overwrite)
-    say(f"exported {args.checkpoint} -> {out}  (load it with LatentFlowPipeline.from_pretrained({str(out)!r}))")
+    say(
+        f"exported {args.checkpoint} -> {out}  (load it with LatentFlowPipeline.from_pretrained({str(out)!r}), "
+        f"or in plain diffusers with DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True))"
+    )

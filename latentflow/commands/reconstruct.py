@@ -41,7 +41,9 @@ def reconstruction_check(
     )
     metrics["summary"] = (
         f"VAE {vae_name}: PSNR {metrics['psnr']:.2f} dB (pooled {metrics['psnr_pooled']:.2f} dB), "
-        f"SSIM {metrics['ssim']:.4f} on {metrics['num_images']} images; scaled latents "
+        f"SSIM {metrics['ssim']:.4f} on {metrics['num_images']} images"
+        + (f" ({metrics['skipped_files']} bad files skipped)" if metrics["skipped_files"] else "")
+        + "; scaled latents "
         f"{tuple(metrics['latent_shape'])} mean {metrics['latent_mean']:+.3f} std {metrics['latent_std']:.3f}; "
         f"figure {figure}"
     )

@@ -23,6 +23,7 @@ __all__ = ["FLAG_NAMES", "generate", "main"]
 # What the command line calls each setting, for errors.
 FLAG_NAMES = {
     "num_images": "--num-samples",
+    "feature_net": "--feature-net",
     "labels": "--labels",
     "solver": "--solver",
     "steps": "--steps",

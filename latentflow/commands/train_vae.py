@@ -1,39 +1,49 @@
-"""``python main.py train-vae``: train a small MNIST AutoencoderKL like the one latentflow
-ships, into ``runs/`` (the maintainer script regenerates the shipped one)."""
+"""``python main.py train-vae``: train an AutoencoderKL for an experiment's data (MNIST, an
+npz, a folder; grey or colour), for use as ``vae.pretrained``."""
 
 from __future__ import annotations
 
-from ..files import check_output
-from ..training.vae import VAETrainArgs, fit_vae
-from . import TERMINAL, new_output_dir, say
+from ..training.vae import VAEOptions, train_autoencoder
+from . import TERMINAL, experiment, say
 
 __all__ = ["main", "train_vae"]
 
+SHORTCUTS = {  # earlier flags, kept as shortcuts for --set
+    "epochs": "autoencoder.epochs",
+    "batch_size": "autoencoder.batch_size",
+    "lr": "autoencoder.lr",
+    "kl_weight": "autoencoder.kl_weight",
+    "max_items": "data.max_items",
+    "seed": "train.seed",
+}
 
-def train_vae(args: VAETrainArgs, cpu: bool = False) -> dict:
-    """Train and write the VAE that ``args`` describes; print what it reached."""
-    check_output(args.out, args.overwrite, directory=True, replace_shipped=args.replace_shipped)
-    report = fit_vae(args, cpu, console=TERMINAL)
+
+def train_vae(cfg, options: VAEOptions) -> dict:
+    """Train and write the VAE; print what it reached and how to use it."""
+    report = train_autoencoder(cfg, options, console=TERMINAL)
     m = report["held_out"]
     say(
-        f"saved {args.out}: held-out PSNR {m['psnr']:.2f} dB (pooled {m['psnr_pooled']:.2f}), SSIM {m['ssim']:.4f}, "
-        f"trained {report['train_seconds'] / 60:.1f} min"
+        f"saved {report['out']}: held-out PSNR {m['psnr']:.2f} dB (pooled {m['psnr_pooled']:.2f}), SSIM "
+        f"{m['ssim']:.4f}, trained {report['train_seconds'] / 60:.1f} min; train a flow on it with "
+        f"--set vae.pretrained={report['out']}"
     )
     return report
 
 
 def main(args) -> None:
-    out = new_output_dir("mnist-vae", args.out)
-    train_vae(
-        VAETrainArgs(
-            out=str(out),
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            kl_weight=args.kl_weight,
-            max_items=args.max_items,
-            seed=args.seed,
-            overwrite=args.overwrite,
-        ),
+    overrides = list(args.overrides)
+    for flag, key in SHORTCUTS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    args.overrides = overrides
+    options = VAEOptions(
+        output_dir=args.output_dir,
+        resume=args.resume,
+        out=args.out,
         cpu=args.cpu,
+        overrides=tuple(overrides),
+        argv=tuple(args.argv),
+        overwrite=args.overwrite,
     )
+    train_vae(experiment(args), options)

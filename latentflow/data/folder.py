@@ -110,6 +110,8 @@ class FolderDataset(Dataset):
     """Image files of a folder, decoded on access; items are (image in [-1, 1] (C, S, S),
     label, index, reason) with reason "" for a good file."""
 
+    subset = None  # what data.max_items kept, in words
+
     def __init__(
         self,
         root: Path,
@@ -177,6 +179,21 @@ class FolderDataset(Dataset):
         if not files:
             raise DataError(f"{root} holds no image files (hidden and non-image files are skipped); check data.path")
         return files, labels, names, ignored
+
+    def in_colour(self, sample: int = 16) -> bool:
+        """Whether the folder's images carry colour: some of the first ``sample`` readable ones
+        have channels that differ (a grey image saved as RGB does not count)."""
+        from PIL import Image
+
+        for path in self.files[:sample]:
+            try:
+                with Image.open(path) as img:
+                    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+            except Exception:
+                continue
+            if np.abs(rgb[..., 0] - rgb[..., 1]).max() > 8 or np.abs(rgb[..., 1] - rgb[..., 2]).max() > 8:
+                return True
+        return False
 
     def __len__(self) -> int:
         return len(self.files)

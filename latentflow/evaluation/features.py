@@ -7,9 +7,11 @@ ships with the reference statistics of the 60 000 training and 10 000 test digit
 evaluation needs no dataset. ``digits-pooled``: the earlier digit classifier
 (``latentflow/assets/digit-classifier``, 4 500 digits, globally pooled features), kept for
 comparison (docs/evaluation.md). ``inception``: the Inception-v3 pool features of FID
-(2048-d, through torch-fidelity), when its weights are on this machine. ``auto`` picks the
-digit net for MNIST data, else Inception, else refuses in one line: FD in a feature space
-that does not fit the data measures nothing.
+(2048-d, through torch-fidelity), when its weights are on this machine. A directory written
+by ``train-classifier``: the same kind of net trained on the user's own labelled data (any
+classes, colour, size), the offline feature space for data that is not digits. ``auto``
+picks the digit net for MNIST data, else Inception, else refuses in one line: FD in a
+feature space that does not fit the data measures nothing.
 """
 
 from __future__ import annotations
@@ -82,25 +84,27 @@ class DigitClassifier(nn.Module):
 class DigitFeatureNet(nn.Module):
     """32x32 gray images in [-1, 1] -> logits over 10 digits; ``features`` gives ``dim``-d
     features from a linear layer over the whole final 4x4 map, so that they see where strokes
-    are (a globally pooled map cannot).
+    are (a globally pooled map cannot). ``train-classifier`` trains the same net on other
+    labelled data: other classes, colour, other sizes (the final map pooled to 4x4).
 
     (B, 1, 32, 32) -> conv 32 -> pool -> (B, 32, 16, 16) -> conv 64, conv 64 -> pool
     -> (B, 64, 8, 8) -> conv 128 -> pool -> (B, 128, 4, 4) -> linear -> (B, dim)."""
 
-    def __init__(self, width: int = 32, dim: int = 128, num_classes: int = 10):
+    def __init__(self, width: int = 32, dim: int = 128, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
 
         def conv(cin, cout):
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
         self.body = nn.Sequential(
-            *conv(1, width),
+            *conv(in_channels, width),
             nn.MaxPool2d(2),  # 16 x 16
             *conv(width, 2 * width),
             *conv(2 * width, 2 * width),
             nn.MaxPool2d(2),  # 8 x 8
             *conv(2 * width, 4 * width),
             nn.MaxPool2d(2),  # 4 x 4
+            nn.AdaptiveAvgPool2d(4),  # other image sizes: 4 x 4 too (32 px: no change)
         )
         self.project = nn.Linear(4 * width * 16, dim)
         self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Linear(dim, num_classes))
@@ -122,7 +126,7 @@ def load_classifier(path: Path = DIGIT_FEATURES_DIR) -> Tuple[nn.Module, Dict]:
         raise LatentflowError(f"no digit net in {path}; train one with `python main.py train-classifier --out {path}`")
     if (path / "features.json").is_file():
         info = json.loads((path / "features.json").read_text())
-        model = DigitFeatureNet(width=info["width"], dim=info["dim"])
+        model = DigitFeatureNet(info["width"], info["dim"], info.get("num_classes", 10), info.get("in_channels", 1))
     else:
         info = json.loads((path / "classifier.json").read_text())
         model = DigitClassifier(width=info["width"])
@@ -131,34 +135,55 @@ def load_classifier(path: Path = DIGIT_FEATURES_DIR) -> Tuple[nn.Module, Dict]:
 
 
 class DigitNet:
-    """A digit net as a feature net: features (N, D) and a 10-way prediction; with the
-    reference statistics that ship beside it, where they do (``references.npz``)."""
+    """A classifier net as a feature net: features (N, D) and a class prediction; with the
+    reference statistics that ship beside it, where they do (``references.npz``). The shipped
+    nets know MNIST digits; one from ``train-classifier`` knows the data it was trained on
+    (recorded in its ``features.json``)."""
 
     def __init__(self, path: Path = DIGIT_FEATURES_DIR):
         self.path = Path(path)
         self.model, self.info = load_classifier(path)
-        self.name = "digits" if isinstance(self.model, DigitFeatureNet) else "digits-pooled"
+        self.trained_on = self.info.get("data")  # None: MNIST digits (the shipped nets)
+        if self.trained_on is None:
+            self.name = "digits" if isinstance(self.model, DigitFeatureNet) else "digits-pooled"
+        else:
+            self.name = "classifier"
         h = hashlib.sha256()
         for key, tensor in self.model.state_dict().items():
             h.update(key.encode())
             h.update(tensor.detach().cpu().numpy().tobytes())
         self.identity = f"{self.name}@{h.hexdigest()[:16]}"
         self.dim = self.info.get("dim", 128)
+        self.in_channels = self.info.get("in_channels", 1)
         self.test_accuracy = self.info["test_accuracy"]
 
-    @staticmethod
-    def why_not(data: DataConfig, channels: int, image_size: int) -> str:
-        if data.source != "mnist":
-            return f"the digit classifier knows only MNIST digits, and this data is {data.source} {data.path}"
-        if image_size != 32:
-            return f"the digit classifier reads 32 px digits, and this data is {image_size} px"
+    def why_not(self, data: DataConfig, channels: int, image_size: int) -> str:
+        """Why this net's scores would mean nothing on ``data`` ("" when they would not)."""
+        mine = self.trained_on
+        if mine is None:
+            if data.source != "mnist":
+                return f"the digit classifier knows only MNIST digits, and this data is {data.source} {data.path}"
+            if image_size != 32:
+                return f"the digit classifier reads 32 px digits, and this data is {image_size} px"
+            return ""
+        where = f"the classifier in {self.path} was trained on {mine['source']} {mine['path'] or 'bundled'}"
+        if (mine["source"], mine["path"]) != (data.source, data.path):
+            return f"{where}, and this data is {data.source} {data.path or 'bundled'}"
+        if mine["image_size"] != image_size:
+            return f"{where} at {mine['image_size']} px, and this data is {image_size} px"
+        if channels != self.in_channels:
+            return f"{where} with {self.in_channels} channel(s), and this model makes {channels}"
+        names = data.class_names
+        if names is not None and mine.get("class_names") and list(names) != mine["class_names"]:
+            return f"{where} with classes {mine['class_names']}, and this data has {names}"
         return ""
 
     @torch.no_grad()
     def run(self, images: np.ndarray, batch_size: int = 500) -> Tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, H, W, C) -> features (N, 128), predicted digits (N,)."""
+        """uint8 (N, H, W, C) -> features (N, dim), predicted classes (N,)."""
         x = torch.from_numpy(images).float().permute(0, 3, 1, 2) / 127.5 - 1  # (N, C, H, W) in [-1, 1]
-        x = x.mean(1, keepdim=True) if x.shape[1] == 3 else x
+        if x.shape[1] != self.in_channels:
+            x = x.mean(1, keepdim=True) if self.in_channels == 1 else x.expand(-1, self.in_channels, -1, -1)
         feats, preds = [], []
         for i in range(0, len(x), batch_size):
             f = self.model.features(x[i : i + batch_size])
@@ -199,23 +224,48 @@ class InceptionNet:
         return torch.cat(feats).numpy(), None
 
 
-def feature_net(choice: str = "auto", data: Optional[DataConfig] = None, channels: int = 1, image_size: int = 32):
-    """The feature net for ``data``: ``digits``, ``digits-pooled``, ``inception``, or ``auto``
-    (digits where they fit, else Inception where its weights are local, else a one-line
-    refusal)."""
-    if choice == "digits":
-        return DigitNet()
-    if choice == "digits-pooled":
-        return DigitNet(CLASSIFIER_DIR)
+def feature_net(
+    choice: str = "auto",
+    data: Optional[DataConfig] = None,
+    channels: int = 1,
+    image_size: int = 32,
+    flag: str = "--feature-net",
+):
+    """The feature net for ``data``: ``digits``, ``digits-pooled``, ``inception``, a directory
+    written by ``train-classifier``, or ``auto`` (digits where they fit, else Inception where
+    its weights are local). A classifier is refused for data it was not trained on, asked for
+    by name or not: its scores would mean nothing there. ``flag`` is what the caller calls
+    the choice, for the message."""
+    data = data or DataConfig()
     if choice == "inception":
         return InceptionNet()
-    why = DigitNet.why_not(data or DataConfig(), channels, image_size)
+    if choice not in FEATURE_NETS:
+        if not (Path(choice) / "features.json").is_file():
+            raise LatentflowError(
+                f"{flag} {choice}: not one of {', '.join(FEATURE_NETS)}, nor a directory written by "
+                "`python main.py train-classifier`"
+            )
+        net = DigitNet(Path(choice))
+        why = net.why_not(data, channels, image_size)
+        if why:
+            raise LatentflowError(f"{flag} {choice}: {why}; train one on this data with train-classifier")
+        return net
+    shipped = DigitNet() if choice != "digits-pooled" else DigitNet(CLASSIFIER_DIR)
+    why = shipped.why_not(data, channels, image_size)
+    if choice in ("digits", "digits-pooled"):
+        if why:
+            raise LatentflowError(
+                f"{flag} {choice}: {why}, so its FD and accuracy would mean nothing; train a classifier on this "
+                f"data (python main.py train-classifier --set data.path=...) and pass {flag} DIR, or use {flag} "
+                f"inception with {INCEPTION_WEIGHTS} in {InceptionNet.weights_path().parent}"
+            )
+        return shipped
     if not why:
-        return DigitNet()
+        return shipped
     if InceptionNet.weights_path().is_file():
         return InceptionNet()
     raise LatentflowError(
-        f"no feature net fits this data: {why}; Inception features need {INCEPTION_WEIGHTS} in "
-        f"{InceptionNet.weights_path().parent} (copy it there), or pass --feature-net digits to use the digit "
-        "classifier anyway"
+        f"no feature net fits this data: {why}; train one on it (python main.py train-classifier --set "
+        f"data.path=...) and pass {flag} DIR, or put {INCEPTION_WEIGHTS} in {InceptionNet.weights_path().parent} "
+        "(copy it there from a connected machine)"
     )

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 
 from ..config import DataConfig
-from ..data import build_dataset, to_uint8
+from ..data import build_dataset, image_batches, to_uint8
 from ..errors import LatentflowError
 from .fd import FDStats
 
@@ -22,17 +21,16 @@ __all__ = ["dataset_features", "describe_data", "held_out", "reference_for", "re
 def dataset_features(
     data: DataConfig, net, channels: int, num_images: Optional[int] = None, batch_size: int = 500
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Features and labels of (the first ``num_images`` of) a dataset's images."""
+    """Features and labels of (the first ``num_images`` of) a dataset's images, read by its
+    own rules: bad files stop it in one line, or are left out with ``data.skip_bad_images``."""
     ds = build_dataset(data, channels=channels)
-    n = len(ds) if num_images is None else min(num_images, len(ds))
-    feats = []
-    for start in range(0, n, batch_size):
-        items = [ds[i] for i in range(start, min(n, start + batch_size))]
-        bad = [(ds.files[it[2]], it[3]) for it in items if len(it) > 3 and it[3]]
-        if bad:
-            raise LatentflowError(f"{bad[0][0]}: {bad[0][1]}; fix or remove it")
-        feats.append(net.run(to_uint8(torch.stack([it[0] for it in items])))[0])
-    return np.concatenate(feats), ds.labels[:n].numpy()
+    feats, labels = [], []
+    for images, y in image_batches(ds, num_images, batch_size, data.skip_bad_images):
+        feats.append(net.run(to_uint8(images))[0])
+        labels.append(y.numpy())
+    if not feats:
+        raise LatentflowError(f"{describe_data(data)} has no usable image; check data.path")
+    return np.concatenate(feats), np.concatenate(labels)
 
 
 def describe_data(data: DataConfig) -> str:

@@ -18,7 +18,14 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..config import CONTINUABLE_FIELDS, ExperimentConfig, config_to_dict, read_yaml_mapping, save_config
+from ..config import (
+    CONTINUABLE_FIELDS,
+    ExperimentConfig,
+    config_to_dict,
+    read_yaml_mapping,
+    recorded_overrides,
+    save_config,
+)
 from ..distributed import on_main
 from ..errors import CheckpointError
 from ..files import FIX_RUN, atomic_dir, file_sha256, temp_name
@@ -236,7 +243,7 @@ def check_same_setup(saved: dict, cfg: ExperimentConfig, run_dir: Path) -> List[
         raise CheckpointError(f"cannot resume {run_dir}: it is experiment {saved.get('name')!r}, not {now['name']!r}")
     changes = []
     for section, values in now.items():
-        if not isinstance(values, dict):
+        if not isinstance(values, dict) or section == "autoencoder":  # what train-vae trains, not this run
             continue
         for key, value in values.items():
             old = (saved.get(section) or {}).get(key, default[section][key])
@@ -437,7 +444,8 @@ class CheckpointManager:
                 f"{self.run_dir}: moved the checkpoints after step {st.step} to {aside} (another timeline)"
             )
         if changes:
-            save_config(trainer.cfg, self.run_dir / "config.yaml")
+            path = self.run_dir / "config.yaml"
+            save_config(trainer.cfg, path, recorded_overrides(path))
         trainer.append_log(
             {
                 "event": "resume",

@@ -1,4 +1,5 @@
-"""Training the digit net that evaluation uses as its feature space.
+"""Training the classifier net that evaluation uses as its feature space (the shipped digit
+net, or one for a user's own labelled data).
 
 The net (``evaluation.features.DigitFeatureNet``) learns to classify 32x32 digits; its
 features are the layer before the classifier. No augmentation: shifted, blurred or
@@ -25,11 +26,12 @@ __all__ = ["digit_features", "fit_digit_net", "save_digit_net"]
 
 
 def _model_images(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W) or (N, 1, H, W) digits -> float (N, 1, 32, 32) in [-1, 1], zero-padded."""
+    """uint8 (N, H, W) or (N, C, H, W) images -> float (N, C, H, W) in [-1, 1]; raw 28 px
+    MNIST digits are zero-padded to 32 px, as the datasets pad them."""
     x = torch.as_tensor(np.asarray(images))
     x = x[:, None] if x.ndim == 3 else x
-    pad = (32 - x.shape[-1]) // 2
-    x = x.float() / 127.5 - 1  # (N, 1, H, W)
+    pad = 2 if x.shape[-1] == 28 else 0
+    x = x.float() / 127.5 - 1
     return F.pad(x, (pad, pad, pad, pad), value=-1.0) if pad else x
 
 
@@ -55,13 +57,15 @@ def fit_digit_net(
     width: int = 32,
     dim: int = 128,
     console: Optional[Console] = None,
+    num_classes: int = 10,
 ) -> Tuple[DigitFeatureNet, Dict]:
     """Train the net on ``train`` (uint8 digits, labels) with AdamW and a cosine schedule;
     returns it with the record ``features.json`` keeps (test accuracy, settings, time)."""
     console = console or Console()
     torch.manual_seed(seed)
     x, y = _model_images(train[0]), torch.as_tensor(train[1]).long()
-    model = DigitFeatureNet(width=width, dim=dim)
+    batch_size = min(batch_size, len(x))
+    model = DigitFeatureNet(width, dim, num_classes, in_channels=x.shape[1])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * (len(x) // batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -78,12 +82,14 @@ def fit_digit_net(
             opt.step()
             sched.step()
         _, pred = digit_features(model, test[0])
-        console.line(f"digit net: epoch {epoch + 1}/{epochs}, test accuracy {(pred == test[1]).mean():.2%}")
+        console.line(f"classifier: epoch {epoch + 1}/{epochs}, held-out accuracy {(pred == test[1]).mean():.2%}")
     seconds = time.perf_counter() - start
     _, pred = digit_features(model, test[0])
     info = {
         "width": width,
         "dim": dim,
+        "num_classes": num_classes,
+        "in_channels": int(x.shape[1]),
         "test_accuracy": float((pred == test[1]).mean()),
         "epochs": epochs,
         "batch_size": batch_size,

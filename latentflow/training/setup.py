@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+import torch
+
 from ..config import ExperimentConfig, config_to_dict, save_config
 from ..console import Console
-from ..data import build_dataset
+from ..data import build_dataset, check_channels
 from ..distributed import on_main
 from ..ema import EMA
 from ..errors import LatentflowError, Stopped
@@ -94,7 +96,11 @@ def setup(
 
     vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder).to(device)
     latent_shape = vae.latent_shape(cfg.data.image_size)  # (c, h, w)
+    channels = check_channels(cfg.data, vae.in_channels, cfg.vae.pretrained)
     dataset = build_dataset(cfg.data, channels=vae.in_channels)
+    for line in (channels, dataset.subset and f"data.max_items: training on {dataset.subset}"):
+        if line and is_main:
+            console.line(line)
     set_seed(cfg.train.seed)  # identical initial weights on every rank, before anything else draws
     num_classes = 0 if cfg.model.unconditional else dataset.num_classes
     model = _build_model(cfg, latent_shape, num_classes)
@@ -113,6 +119,7 @@ def setup(
     )
     if stop.requested:  # asked to stop while encoding: no run directory for a run that never started
         raise Stopped("stopped after encoding the latent cache")
+    _check_every_class_trains(cache, num_classes, getattr(dataset, "class_names", None), dataset.origin)
     model, raw_model, ema, optimizer = _prepare(cfg, model, accelerator)
     batches = LatentBatches(
         cache,
@@ -156,8 +163,21 @@ def setup(
     if cfg.train.eval_every:
         trainer.evaluator = on_main(accelerator, lambda: _evaluator(cfg, vae.in_channels, options.cache_dir))
     start_trackers(accelerator, run_dir, config_to_dict(cfg), trainer.state.step if resume else None)
-    _announce(trainer, len(cache), latent_shape, cache_root)
+    _announce(trainer, len(cache), latent_shape, vae.in_channels, cache_root)
     return trainer
+
+
+def _check_every_class_trains(cache, num_classes: int, names, origin: str) -> None:
+    """A class with no training image would still get a grid row and guidance: refuse it."""
+    if not num_classes:
+        return
+    counts = torch.bincount(cache.labels, minlength=num_classes)
+    empty = [(names[c] if names else str(c)) for c in range(num_classes) if counts[c] == 0]
+    if empty:
+        raise LatentflowError(
+            f"{origin}: class {', '.join(empty)} has no training image (bad files skipped, or data.max_items); "
+            "add images of it, or leave it out with data.class_names"
+        )
 
 
 def _prepare(cfg: ExperimentConfig, model, accelerator):
@@ -176,12 +196,13 @@ def _prepare(cfg: ExperimentConfig, model, accelerator):
     return model, raw_model, ema, optimizer
 
 
-def _announce(trainer: Trainer, rows: int, latent_shape, cache_root: Path) -> None:
+def _announce(trainer: Trainer, rows: int, latent_shape, in_channels: int, cache_root: Path) -> None:
     acc, cfg = trainer.accelerator, trainer.cfg
     n_params = sum(p.numel() for p in trainer.raw_model.parameters())
     trainer.say(
         f"run {trainer.run_dir}  |  {cfg.model.name} ({n_params / 1e6:.2f} M params) on {rows} latents "
-        f"{tuple(latent_shape)}  |  {acc.num_processes} process(es) on {acc.device.type}, "
+        f"{tuple(latent_shape)} of {'colour' if in_channels == 3 else f'{in_channels}-channel'} "
+        f"{cfg.data.image_size} px images  |  {acc.num_processes} process(es) on {acc.device.type}, "
         f"mixed precision {acc.mixed_precision}  |  cache {cache_root.name}"
     )
 
@@ -190,7 +211,7 @@ def _start_files(trainer: Trainer, cache_root: Path) -> None:
     """A new run's first files: the resolved config and the log's start record."""
     run_dir, options, acc = trainer.run_dir, trainer.options, trainer.accelerator
     (run_dir / "figures").mkdir(exist_ok=True)
-    save_config(trainer.cfg, run_dir / "config.yaml")
+    save_config(trainer.cfg, run_dir / "config.yaml", options.overrides)
     trainer.append_log(
         {
             "event": "start",

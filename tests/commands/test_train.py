@@ -370,7 +370,7 @@ def test_evaluation_during_training_is_logged_and_plotted(tmp_path):
     run = the_run(tmp_path)
     evals = log_records(run, "eval")
     assert [e["epoch"] for e in evals] == [1, 2] and all("accuracy" in e for e in evals)
-    train = evals[-1]["references"]["train"]
+    train = evals[-1]["references"]["mnist-train"]
     assert train["fd"] > 0 and train["fd_std"] > 0 and train["floor"]["n"] == 100 and train["ratio"] > 0
     assert (run / "figures" / "eval.png").is_file()
 
@@ -484,7 +484,9 @@ def test_default_experiment_file_trains_in_a_clean_directory(tmp_path):
         tmp_path / "runs",
         cwd=tmp_path,
     )
-    assert "default+data.max_items=32+model.name=DiT-Nano_2+sampler.grid_per_class=1-" in proc.stdout
+    run = next((tmp_path / "runs").iterdir())
+    assert run.name.startswith("default+") and str(run) in proc.stdout  # name + a short hash of the overrides
+    assert "# --set model.name=DiT-Nano/2" in (run / "config.yaml").read_text()  # the overrides, in full
     assert log_records(next((tmp_path / "runs").iterdir()), "start")[0]["overrides"] == [
         "data.max_items=32",
         "train.epochs=1",

@@ -100,7 +100,8 @@ def test_a_feature_net_that_does_not_fit_the_data_is_refused(tmp_path, monkeypat
         r"MNIST digits.*weights-inception-2015-12-05-6726825d.pth",
     ):
         feature_net("auto", faces, channels=3, image_size=64)
-    assert isinstance(feature_net("digits", faces), DigitNet)  # asked for by name: used anyway
+    with pytest.raises(LatentflowError, match="feature_net_choice digits: the digit classifier knows only MNIST"):
+        feature_net("digits", faces, flag="feature_net_choice")  # asked for by name: still refused, in its words
     assert isinstance(feature_net("auto", DataConfig()), DigitNet)
 
 
