@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 from .errors import LatentflowError, PeerLost
 
 # Choices the flags offer, spelled here so that parsing imports no torch (a test keeps them equal)
-SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5")  # solvers.SOLVERS
+SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5", "meanflow")  # solvers.SOLVERS
 FEATURE_NETS = ("auto", "digits", "digits-pooled", "inception")  # evaluation.features.FEATURE_NETS
 
 
@@ -111,7 +111,12 @@ def sampling(num_samples: int):
             help="an export, a run directory (its export, else its newest checkpoint) or a checkpoint",
         ),
         arg("--num-samples", type=int, default=num_samples, help=f"images to draw (default {num_samples})"),
-        arg("--solver", choices=SOLVERS, default=None, help="ODE solver (default: the model's)"),
+        arg(
+            "--solver",
+            choices=SOLVERS,
+            default=None,
+            help="ODE solver, or meanflow for a model trained to jump (default: the model's)",
+        ),
         arg("--steps", type=int, default=None, help="steps of a fixed-step solver (default: the model's)"),
         arg(
             "--cfg-scale",
@@ -362,6 +367,12 @@ COMMANDS: Dict[str, Command] = {
                 help="ODE solver (default heun)",
             ),
             arg("--ode-steps", type=int, default=40, help="solver steps (default 40)"),
+            arg(
+                "--objective",
+                choices=("cfm", "meanflow"),
+                default="cfm",
+                help="cfm (velocity) or meanflow (average velocity: also draws the one-jump samples)",
+            ),
             arg("--seed", type=int, default=0, help="seed (default 0)"),
             arg("--out", type=Path, default=None, help="output directory (default: runs/toy-<data>-<timestamp>)"),
         ),

@@ -167,6 +167,18 @@ class FlowConfig:
     t_max: float = 1.0
     """Training times lie in [0, t_max): stratified ones modulo t_max (the baseline program:
     1 - 1e-5), the others scaled by it."""
+    objective: str = "cfm"
+    """'cfm': flow matching, the velocity, sampled with an ODE solver. 'meanflow': the
+    average velocity over an interval (MeanFlow), sampled in 1 or a few jumps
+    (sampler.solver: meanflow); guidance (sampler.cfg_scale) is built into its training."""
+    equal_times: float = 0.75
+    """meanflow: share of training pairs (r, t) with r = t, where the loss is plain CFM."""
+    gap_warmup_steps: int = 0
+    """meanflow: optimizer steps over which the largest gap t - r widens from 0 to 1 (a
+    curriculum: the instantaneous velocity first); 0: every gap from the start."""
+    loss_power: float = 1.0
+    """meanflow: the loss weighs each sample's squared error by 1 / (error + 1e-3)^power
+    (adaptive weighting; 0: plain mean squared error)."""
 
     def validate(self) -> None:
         if not 0.0 <= self.sigma_min < 1.0:
@@ -175,12 +187,22 @@ class FlowConfig:
             raise ConfigError(f"flow.t_max must lie in [0.5, 1], got {self.t_max}")
         _choice("flow.time_sampler", self.time_sampler, ("stratified", "uniform", "logit_normal"))
         _positive("flow.logit_std", self.logit_std)
+        _choice("flow.objective", self.objective, ("cfm", "meanflow"))
+        _unit_interval("flow.equal_times", self.equal_times)
+        if self.gap_warmup_steps < 0 or self.loss_power < 0:
+            raise ConfigError(
+                f"flow.gap_warmup_steps and flow.loss_power must be >= 0, got {self.gap_warmup_steps}, "
+                f"{self.loss_power}"
+            )
+        _at_most("flow.gap_warmup_steps", self.gap_warmup_steps, 2**31, "steps")
+        _at_most("flow.loss_power", self.loss_power, 4, "as an exponent")
 
 
 @dataclass
 class SamplerConfig:
     solver: str = "euler"
-    """ODE solver: euler, midpoint, heun, rk4 (fixed steps) or dopri5 (adaptive)."""
+    """ODE solver: euler, midpoint, heun, rk4 (fixed steps) or dopri5 (adaptive); for a
+    flow.objective=meanflow model, meanflow (steps jumps of its average velocity)."""
     steps: int = 8
     """Steps of a fixed-step solver (NFE = steps x evaluations per step)."""
     atol: float = 1e-5
@@ -249,6 +271,9 @@ class TrainConfig:
     """torch.compile the model (in place; checkpoints load with or without it)."""
     grad_checkpointing: bool = False
     """Recompute each DiT block in the backward pass: less memory, ~30 % more compute."""
+    grid_every: int = 1
+    """Draw the sample grid (figures/epoch_NNN.png and the tracker's image) every N epochs and
+    at the last (0: only the final grid)."""
     eval_every: int = 0
     """Every N epochs (and at the last), FD and class accuracy of eval_samples EMA samples at
     the run's sampler settings, logged and plotted (0: off). Needs a feature net that fits
@@ -273,8 +298,9 @@ class TrainConfig:
         _choice("train.log_with", self.log_with, ("tensorboard", "wandb", "none"))
         _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _unit_interval("train.min_lr_ratio", self.min_lr_ratio)
-        if self.eval_every < 0:
-            raise ConfigError(f"train.eval_every must be >= 0, got {self.eval_every}")
+        for key in ("eval_every", "grid_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         _positive("train.eval_samples", self.eval_samples)
         limits = {
             "epochs": (10**6, "passes over the data"),
@@ -287,6 +313,7 @@ class TrainConfig:
             "max_nonfinite": (2**31, "steps"),
             "keep_checkpoints": (10**4, "checkpoints on disk"),
             "eval_every": (10**6, "epochs"),
+            "grid_every": (10**6, "epochs"),
         }
         for key, (limit, what) in limits.items():
             _at_most(f"train.{key}", getattr(self, key), limit, what)
@@ -355,6 +382,7 @@ CONTINUABLE_FIELDS = (
     "train.grad_checkpointing",
     "train.eval_every",
     "train.eval_samples",
+    "train.grid_every",
     "data.decode_workers",
     "vae.encode_batch_size",
     "vae.cache_shard_size",
@@ -387,6 +415,13 @@ class ExperimentConfig:
             )
         for section in (self.data, self.vae, self.model, self.flow, self.sampler, self.train, self.autoencoder):
             section.validate()
+        jumps = self.sampler.solver == "meanflow"
+        if (self.flow.objective == "meanflow") != jumps:
+            raise ConfigError(
+                f"sampler.solver {self.sampler.solver} with flow.objective {self.flow.objective}: a meanflow model "
+                "samples in jumps (sampler.solver: meanflow, steps 1 or 2), a cfm model with an ODE solver "
+                "(euler, heun, ...); set the two together"
+            )
         return self
 
 

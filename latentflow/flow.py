@@ -15,12 +15,30 @@ path sits at ``x1 + σ_min · x0``: a Gaussian of width σ_min around the data, 
 ``t = 0`` to ``t = 1`` with the same convention; ``tests/test_flow.py`` checks that the two
 agree.
 
+**Average velocity (MeanFlow, Geng et al. 2025, arXiv 2505.13447), in this convention.** A
+model that jumps learns, for a point ``z`` at time ``r`` on an ODE trajectory and a later
+time ``t >= r``, the average velocity over the interval::
+
+    u(z_r, r, t) = 1/(t - r) ∫_r^t v(z_τ, τ) dτ,      so that   z_t = z_r + (t - r) u(z_r, r, t)
+
+and ``u(z, r, r) = v(z, r)``. Multiply by ``t - r`` and differentiate in ``r`` along the
+trajectory (``dz_r/dr = v``, ``t`` fixed): ``-u + (t - r) du/dr = -v``, that is::
+
+    u(z_r, r, t) = v(z_r, r) + (t - r) · d/dr u(z_r, r, t),
+    d/dr u = v · ∂_z u + ∂_r u                                  (one Jacobian-vector product)
+
+The training target replaces ``v`` by the conditional velocity ``x1 - (1 - σ_min) x0`` (as
+CFM does) and takes ``d/dr u`` from the network itself, with the gradient stopped; at
+``r = t`` it is exactly the CFM target. (The paper integrates from data at 0 to noise at 1,
+so its identity reads ``u = v - (t - r) d/dt u``; here the point moves forward in time.)
+Sampling in N jumps: ``z <- z + (t_k+1 - t_k) u(z, t_k, t_k+1)``.
+
 Everything here is pure tensor math: no modules, devices or files.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -29,8 +47,12 @@ __all__ = [
     "broadcast_time",
     "cfm_loss",
     "interpolate",
+    "meanflow_loss",
+    "meanflow_target",
     "sample_time",
+    "sample_two_times",
     "target_velocity",
+    "time_derivative",
 ]
 
 Velocity = Callable[..., torch.Tensor]
@@ -121,3 +143,77 @@ def sample_time(
     else:
         t = _uniform(batch, generator, device)
     return t if t_max == 1.0 else t * t_max
+
+
+# --- average velocity (MeanFlow) ---------------------------------------------------------
+
+
+def sample_two_times(
+    batch: int,
+    equal_share: float,
+    max_gap: float = 1.0,
+    *,
+    device=None,
+    generator: Optional[torch.Generator] = None,
+    **time_kwargs,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pairs ``r <= t`` (each (B,)): two times from ``sample_time(**time_kwargs)``, ordered;
+    each pair has ``r = t`` (plain flow matching) with probability ``equal_share``, and no
+    gap exceeds ``max_gap`` (a curriculum widens it from 0 to 1)."""
+    a = sample_time(batch, device=device, generator=generator, **time_kwargs)
+    b = sample_time(batch, device=device, generator=generator, **time_kwargs)
+    r, t = torch.minimum(a, b), torch.maximum(a, b)
+    equal = torch.rand(batch, device=device, generator=generator) < equal_share
+    t = torch.where(equal, r, torch.minimum(t, r + max_gap))
+    return r, t
+
+
+def time_derivative(average: Velocity, z: torch.Tensor, r: torch.Tensor, dz: torch.Tensor):
+    """``(u, d/dr u)`` for ``u = average(z, r)``, moving ``z`` along ``dz`` and ``r`` at unit
+    speed: one forward pass with forward-mode autodiff. ``u`` keeps its graph for the
+    backward pass (so hooks of a wrapped module, DDP's included, see one ordinary forward);
+    the derivative is returned detached."""
+    import warnings
+
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), warnings.catch_warnings():
+        # torch loads its forward-mode rules through torch.jit.script once, with a warning
+        warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
+        out = average(fwAD.make_dual(z, dz), fwAD.make_dual(r, torch.ones_like(r)))
+        u, dudr = fwAD.unpack_dual(out)
+    return u, dudr.detach()
+
+
+def meanflow_target(v: torch.Tensor, dudr: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The average velocity the identity implies: ``v + (t - r) d/dr u``."""
+    return v + broadcast_time((t - r).to(v.dtype), v) * dudr
+
+
+def meanflow_loss(
+    average: Velocity,
+    x0: torch.Tensor,
+    x1: torch.Tensor,
+    r: torch.Tensor,
+    t: torch.Tensor,
+    sigma_min: float,
+    *,
+    v: Optional[torch.Tensor] = None,
+    power: float = 1.0,
+    eps: float = 1e-3,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample MeanFlow loss and plain squared error, each (B,).
+
+    ``average(z, r, t)`` is the network's average velocity. ``v`` is the velocity that moves
+    ``z`` (default: the conditional ``x1 - (1 - σ_min) x0``; a guided one for classifier-free
+    guidance folded into training). The target ``v + (t - r) d/dr u`` carries no gradient;
+    the loss is the squared error weighted by ``1 / (error + eps)^power`` (the paper's
+    adaptive weighting, also without gradient; ``power = 0``: plain MSE).
+    """
+    z = interpolate(x0, x1, r, sigma_min)  # (B, C, H, W) the point at time r
+    v = target_velocity(x0, x1, sigma_min) if v is None else v
+    u, dudr = time_derivative(lambda z_, r_: average(z_, r_, t), z, r, v.to(z.dtype))
+    target = meanflow_target(v.float(), dudr.float(), r, t)
+    error = (u.float() - target).pow(2).flatten(1).mean(dim=1)  # (B,)
+    weight = (error.detach() + eps).pow(-power) if power else torch.ones_like(error)
+    return weight * error, error

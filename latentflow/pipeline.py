@@ -86,6 +86,7 @@ class LatentFlowPipeline(DiffusionPipeline):
         latents_shift: Optional[List[float]] = None,
         latents_scale: Optional[List[float]] = None,
         class_names: Optional[List[str]] = None,
+        objective: str = "cfm",
     ):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae)
@@ -111,6 +112,7 @@ class LatentFlowPipeline(DiffusionPipeline):
             latents_shift=shift,
             latents_scale=scale,
             class_names=class_names,
+            objective=objective,
         )
 
     # --- facts ------------------------------------------------------------------------------
@@ -138,6 +140,7 @@ class LatentFlowPipeline(DiffusionPipeline):
             guidance_interval=list(c.guidance_interval) if c.guidance_interval else None,
             atol=c.atol,
             rtol=c.rtol,
+            objective=c.get("objective", "cfm"),  # exports made before average velocities: cfm
         )
 
     def _check_count(self, n: Optional[int], name: str) -> None:
@@ -290,6 +293,7 @@ def pipeline_from_parts(model, vae: FrozenVAE, cfg: ExperimentConfig, class_name
         atol=s.atol,
         rtol=s.rtol,
         class_names=list(class_names) if class_names else None,
+        objective=cfg.flow.objective,
     )
 
 
@@ -492,6 +496,7 @@ def _from_export(src: Source) -> tuple:
         guidance_interval=c.guidance_interval,
         atol=c.atol,
         rtol=c.rtol,
+        objective=c.get("objective", "cfm"),
     )
     try:
         stored.check({k: f"model_index.json's {v}" for k, v in PIPELINE_NAMES.items()})

@@ -33,6 +33,7 @@ __all__ = [
     "SampleResult",
     "SamplerSettings",
     "guided_velocity",
+    "jump_velocity",
     "labels_for",
     "sample_images",
     "to_uint8",
@@ -62,6 +63,7 @@ class SamplerSettings:
     guidance_interval: Optional[List[float]] = _DEFAULTS.guidance_interval
     atol: float = _DEFAULTS.atol
     rtol: float = _DEFAULTS.rtol
+    objective: str = "cfm"  # what the model was trained for (not a choice): which solvers fit it
 
     @classmethod
     def resolve(
@@ -77,7 +79,14 @@ class SamplerSettings:
         if "guidance_interval" in chosen:
             chosen["guidance_interval"] = list(chosen["guidance_interval"]) or None
         settings = replace(defaults, **chosen)
-        settings.check({**PIPELINE_NAMES, **(names or {})})
+        names = {**PIPELINE_NAMES, **(names or {})}
+        settings.check(names)
+        scale = settings.cfg_scale
+        if settings.objective == "meanflow" and conditional and scale not in (0, defaults.cfg_scale):
+            raise LatentflowError(
+                f"{names['cfg_scale']} {scale!r}: this model was trained with guidance {defaults.cfg_scale:g} built in "
+                f"(flow.objective=meanflow); leave it unset, or 0 for unconditional images"
+            )
         return settings if conditional else replace(settings, cfg_scale=0.0)
 
     def check(self, names: Dict[str, str] = PIPELINE_NAMES) -> None:
@@ -85,8 +94,24 @@ class SamplerSettings:
             value = getattr(self, key)
             return LatentflowError(f"{names[key]} {value!r}: {must}")
 
+        if self.objective not in ("cfm", "meanflow"):
+            raise LatentflowError(f"objective {self.objective!r}: not cfm or meanflow")
         if self.solver not in SOLVERS:
             raise bad("solver", f"not one of {', '.join(SOLVERS)}")
+        if self.objective == "meanflow" and self.solver != "meanflow":
+            raise bad(
+                "solver",
+                "this model was trained with flow.objective=meanflow to jump, not to be integrated; "
+                "use meanflow with 1 or 2 steps",
+            )
+        if self.objective != "meanflow" and self.solver == "meanflow":
+            raise bad(
+                "solver",
+                "meanflow jumps need a model trained with flow.objective=meanflow; "
+                "use an ODE solver (euler, heun, ...)",
+            )
+        if self.objective == "meanflow" and self.guidance_interval is not None:
+            raise bad("guidance_interval", "a meanflow model has its guidance built in; leave it unset")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise bad("steps", "must be an integer >= 1")
         if not _number(self.cfg_scale) or self.cfg_scale < 0:
@@ -99,6 +124,11 @@ class SamplerSettings:
             len(interval) == 2 and all(_number(v) for v in interval) and 0.0 <= interval[0] < interval[1] <= 1.0
         ):
             raise bad("guidance_interval", "must be [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1")
+
+    @property
+    def choices(self) -> Dict[str, object]:
+        """The settings a caller chooses (the keywords of ``resolve``), as keywords."""
+        return {k: getattr(self, k) for k in PIPELINE_NAMES}
 
     @property
     def tag(self) -> str:
@@ -194,11 +224,21 @@ def guided_velocity(
     return guided
 
 
+def jump_velocity(model: nn.Module, labels: Optional[torch.Tensor]) -> Callable:
+    """average(x, r, t) of an average-velocity model (flow.objective=meanflow) for ``labels``
+    (None: unconditional); its guidance was built in by training."""
+
+    def average(x, r, t):
+        return model(x, r, labels, gap=t - r)
+
+    return average
+
+
 def _listening(velocity: Callable, stop: Callable[[], bool]) -> Callable:
-    def checked(x, t):
+    def checked(*args):
         if stop():
             raise Stopped("sampling stopped on request")
-        return velocity(x, t)
+        return velocity(*args)
 
     return checked
 
@@ -256,7 +296,10 @@ def sample_images(
     for start in range(0, n, batch_size):
         x0 = noise[start : start + batch_size].to(device, dtype)
         y = None if label_t is None else label_t[start : start + batch_size].to(device)
-        velocity = guided_velocity(model, y, cfg_scale, guidance_interval)
+        if solver == "meanflow":  # guidance came with training: labels, or none for scale 0
+            velocity = jump_velocity(model, None if cfg_scale == 0 else y)
+        else:
+            velocity = guided_velocity(model, y, cfg_scale, guidance_interval)
         with autocast():
             result = integrate(
                 velocity if stop is None else _listening(velocity, stop),

@@ -5,8 +5,12 @@ Fixed-step Runge-Kutta methods (euler, midpoint, heun, rk4) and adaptive Dormand
 (dopri5, through torchdiffeq). Every call counts the exact number of velocity evaluations
 (NFE) by wrapping the callable, so the count is measured, never computed from a formula.
 
+``meanflow`` is not an ODE solver: it jumps with a model's *average* velocity (see
+``flow.py``), ``x <- x + h · u(x, t, t + h)``, one evaluation per step; its ``velocity``
+takes the end time as a third argument.
+
 Pure math: ``velocity`` is any callable taking ``x`` of shape (B, ...) and ``t`` of shape
-(B,). No modules, devices or files.
+(B,) (and, for meanflow, the end time of shape (B,)). No modules, devices or files.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Callable, List
 
 import torch
 
-__all__ = ["FIXED_STEP_SOLVERS", "SOLVERS", "ODEResult", "integrate", "nfe_per_step"]
+__all__ = ["FIXED_STEP_SOLVERS", "ODE_SOLVERS", "SOLVERS", "ODEResult", "integrate", "nfe_per_step"]
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -36,10 +40,12 @@ class _Counted:
         self.velocity = velocity
         self.nfe = 0
 
-    def __call__(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: float | torch.Tensor, end=None) -> torch.Tensor:
         self.nfe += 1
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        return self.velocity(x, t.expand(x.shape[0]))  # t: (B,)
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])  # (B,)
+        if end is None:
+            return self.velocity(x, t)
+        return self.velocity(x, t, torch.as_tensor(end, dtype=x.dtype, device=x.device).expand(x.shape[0]))
 
 
 # One step of each fixed-step method: (f, x, t, h) -> x at t + h.
@@ -67,10 +73,17 @@ def _rk4(f, x, t, h):
     return x + h / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
-FIXED_STEP_SOLVERS = {"euler": _euler, "midpoint": _midpoint, "heun": _heun, "rk4": _rk4}
-SOLVERS = tuple(FIXED_STEP_SOLVERS) + ("dopri5",)
+def _jump(f, x, t, h):
+    # an average-velocity model: the whole interval in one evaluation
+    return x + h * f(x, t, t + h)
 
-_EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+
+FIXED_STEP_SOLVERS = {"euler": _euler, "midpoint": _midpoint, "heun": _heun, "rk4": _rk4}
+ODE_SOLVERS = (*FIXED_STEP_SOLVERS, "dopri5")
+SOLVERS = (*ODE_SOLVERS, "meanflow")
+_STEPS = {**FIXED_STEP_SOLVERS, "meanflow": _jump}
+
+_EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "meanflow": 1}
 
 
 def nfe_per_step(solver: str) -> int:
@@ -98,10 +111,10 @@ def integrate(
     times).
     """
     f = _Counted(velocity)
-    if solver in FIXED_STEP_SOLVERS:
+    if solver in _STEPS:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        step = FIXED_STEP_SOLVERS[solver]
+        step = _STEPS[solver]
         h = (t1 - t0) / steps
         x, times, traj = x0, [t0], [x0] if keep_trajectory else []
         for i in range(steps):

@@ -51,6 +51,7 @@ def accelerator():
 def _env(extra=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("LATENTFLOW_FAULTS", None)
+    env.pop("LATENTFLOW_LAUNCH_COMMAND", None)
     env.update(extra or {})
     return env
 

@@ -105,3 +105,16 @@ def test_built_in_experiments_are_found_by_name_from_anywhere(tmp_path, monkeypa
         ConfigError, match=r"config file nothing.yaml not found; .*built-in experiment \(celeba64, default"
     ):
         load_config("nothing.yaml")
+
+
+def test_an_average_velocity_objective_goes_with_jumps_and_its_settings_are_checked():
+    cfg = load_config("meanflow")
+    assert (cfg.flow.objective, cfg.sampler.solver, cfg.sampler.steps) == ("meanflow", "meanflow", 1)
+    with pytest.raises(ConfigError, match="sampler.solver euler with flow.objective meanflow: a meanflow model"):
+        load_config("default", ["flow.objective=meanflow"])
+    with pytest.raises(ConfigError, match="sampler.solver meanflow with flow.objective cfm"):
+        load_config("default", ["sampler.solver=meanflow"])
+    with pytest.raises(ConfigError, match="flow.equal_times must lie in"):
+        load_config("meanflow", ["flow.equal_times=1.5"])
+    with pytest.raises(ConfigError, match="flow.objective"):
+        load_config("default", ["flow.objective=shortcut"])

@@ -71,3 +71,23 @@ def test_unconditional_model_has_only_the_null_label():
     model = create_model("DiT-Nano/2", sample_size=8, in_channels=4, num_classes=0)
     assert model.null_label == 0 and model.y_embedder.num_embeddings == 1
     assert model(torch.randn(2, 4, 8, 8), torch.rand(2)).shape == (2, 4, 8, 8)
+
+
+def test_a_second_time_input_only_for_average_velocity_models(tmp_path):
+    """cfm models keep exactly their weights (no extra module, the same draws); a two-time
+    model shares them, adds a gap embedding, reads gap=None as 0, and saves and loads as such."""
+    torch.manual_seed(0)
+    plain = small()
+    torch.manual_seed(0)
+    two = small(two_times=True)
+    extra = set(two.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("h_embedder.") for k in extra)
+    assert all(torch.equal(v, two.state_dict()[k]) for k, v in plain.state_dict().items())
+    two = perturbed(two)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 10])
+    assert two(x, t, y).shape == x.shape
+    torch.testing.assert_close(two(x, t, y), two(x, t, y, gap=torch.zeros(3)))
+    assert not torch.allclose(two(x, t, y, gap=torch.full((3,), 0.5)), two(x, t, y))
+    two.save_pretrained(tmp_path / "m")
+    again = DiT.from_pretrained(tmp_path / "m")
+    assert again.config.two_times and torch.equal(again(x, t, y, gap=t), two(x, t, y, gap=t))

@@ -110,3 +110,105 @@ def test_times_stay_below_t_max():
     strat = sample_time(8, "stratified", generator=torch.Generator().manual_seed(3), t_max=1 - 1e-5)
     gaps = (strat.sort().values.diff() * 8).round()
     assert torch.all(gaps == 1)  # evenly spaced, one per 1/B (modulo wrap-around)
+
+
+# --- average velocity (MeanFlow) on Gaussian data, where everything is known exactly -----------
+#
+# With data x1 ~ N(mu, s^2 I) and noise x0 ~ N(0, I), the marginal at time t is
+# N(m_t, std_t^2 I) with m_t = t mu and std_t^2 = a_t^2 + t^2 s^2 (a_t = 1 - (1 - σ) t), and the
+# ODE keeps each point's standardised position: Φ_{r->t}(z) = m_t + (std_t / std_r)(z - m_r).
+
+MU, S = 0.7, 0.4
+
+
+def _std(t, sigma):
+    a = 1 - (1 - sigma) * t
+    return (a**2 + (t * S) ** 2).sqrt()
+
+
+def _flow_map(z, r, t, sigma):
+    rb, tb = (x.reshape(-1, 1, 1, 1) for x in (r, t))
+    return MU * tb + (_std(tb, sigma) / _std(rb, sigma)) * (z - MU * rb)
+
+
+def _exact_average(z, r, t, sigma):
+    """u(z, r, t) = (Φ_{r->t}(z) - z) / (t - r), and v(z, r) where t = r."""
+    rb, tb = (x.reshape(-1, 1, 1, 1) for x in (r, t))
+    return torch.where(
+        tb > rb, (_flow_map(z, r, t, sigma) - z) / (tb - rb).clamp_min(1e-12), _exact_velocity(z, r, sigma)
+    )
+
+
+def _exact_velocity(z, r, sigma):
+    rb = r.reshape(-1, 1, 1, 1)
+    a = 1 - (1 - sigma) * rb
+    dvar = -2 * (1 - sigma) * a + 2 * rb * S**2  # d/dr std_r^2
+    return MU + dvar / (2 * _std(rb, sigma) ** 2) * (z - MU * rb)
+
+
+@pytest.fixture
+def gaussian():
+    g = torch.Generator().manual_seed(1)
+    r = torch.rand(6, generator=g, dtype=torch.float64) * 0.6
+    t = r + torch.rand(6, generator=g, dtype=torch.float64) * (1 - r)
+    z = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
+    return z, r, t
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1e-3])
+def test_the_exact_average_velocity_satisfies_the_meanflow_identity(gaussian, sigma):
+    from latentflow.flow import meanflow_target, time_derivative
+
+    z, r, t = gaussian
+    v = _exact_velocity(z, r, sigma)
+    u, dudr = time_derivative(lambda z_, r_: _exact_average(z_, r_, t, sigma), z, r, v)
+    torch.testing.assert_close(meanflow_target(v, dudr, r, t), u)  # u = v + (t - r) du/dr
+    # and the jump lands where the ODE goes
+    torch.testing.assert_close(z + (t - r).reshape(-1, 1, 1, 1) * u, _flow_map(z, r, t, sigma))
+
+
+def test_the_forward_mode_derivative_matches_finite_differences(gaussian):
+    from latentflow.flow import time_derivative
+
+    z, r, t = gaussian
+    dz = torch.randn_like(z)
+    f = lambda z_, r_: _exact_average(z_, r_, t, 1e-3)
+    _, dudr = time_derivative(f, z, r, dz)
+    eps = 1e-6
+    fd = (f(z + eps * dz, r + eps) - f(z - eps * dz, r - eps)) / (2 * eps)
+    torch.testing.assert_close(dudr, fd, rtol=1e-5, atol=1e-7)
+
+
+def test_where_r_equals_t_the_meanflow_loss_is_the_cfm_loss(pair):
+    from latentflow.flow import meanflow_loss
+
+    x0, x1 = pair
+    t = torch.rand(5, dtype=torch.float64)
+    net = lambda z, r, t_: torch.tanh(z * (1 + r.reshape(-1, 1, 1, 1)) + (t_ - r).reshape(-1, 1, 1, 1))
+    loss, error = meanflow_loss(net, x0, x1, t, t, 1e-3, power=0)
+    torch.testing.assert_close(loss, cfm_loss(lambda z, r: net(z, r, r), x0, x1, t, 1e-3))
+    torch.testing.assert_close(error, loss)
+    weighted, _ = meanflow_loss(net, x0, x1, t, t, 1e-3, power=1)  # adaptive weight: error / (error + 1e-3)
+    torch.testing.assert_close(weighted, error / (error + 1e-3))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_jumps_with_the_exact_average_velocity_land_on_the_ode_solution(steps):
+    g = torch.Generator().manual_seed(2)
+    z0 = torch.randn(8, 2, 4, 4, generator=g, dtype=torch.float64)
+    jumped = integrate(lambda z, r, t: _exact_average(z, r, t, 1e-3), z0, "meanflow", steps)
+    assert jumped.nfe == steps
+    ode = integrate(lambda z, t: _exact_velocity(z, t, 1e-3), z0, "dopri5", atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(jumped.x, ode.x, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        jumped.x, _flow_map(z0, torch.zeros(8, dtype=z0.dtype), torch.ones(8, dtype=z0.dtype), 1e-3)
+    )
+
+
+def test_two_times_are_ordered_equal_in_their_share_and_within_the_gap():
+    from latentflow.flow import sample_two_times
+
+    g = torch.Generator().manual_seed(0)
+    r, t = sample_two_times(20000, 0.75, 0.3, generator=g, scheme="uniform")
+    assert bool((r <= t).all()) and float((t - r).max()) <= 0.3 + 1e-7
+    assert abs(float((r == t).double().mean()) - 0.75) < 0.02

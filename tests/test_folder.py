@@ -243,3 +243,38 @@ def test_the_rgb_experiment_runs_on_a_folder_with_a_tiny_vae(tmp_path):
     grid = np.asarray(Image.open(run / "figures" / "final.png"))
     assert grid.ndim == 3 and grid.shape[2] == 3  # RGB samples
     assert (run / "export" / "vae" / "config.json").is_file()
+
+
+def test_max_items_takes_a_seeded_class_balanced_subset(tmp_path):
+    from latentflow.data.shapes import write_shapes_folder
+
+    root = write_shapes_folder(tmp_path / "shapes", per_class=10, size=16)
+    ds = build_dataset(folder_cfg(root, max_items=7), channels=3)
+    counts = np.bincount(ds.labels.numpy(), minlength=3)
+    assert sorted(counts.tolist()) == [2, 2, 3]  # not the first 7 files, all circles
+    assert ds.subset.startswith("7 of the folder's images") and "circle" in ds.subset and "triangle" in ds.subset
+    again = build_dataset(folder_cfg(root, max_items=7), channels=3)
+    assert [str(p) for p in again.files] == [str(p) for p in ds.files]  # seeded: the same every time
+    with pytest.raises(DataError, match="data.max_items=2 is fewer than its 3 classes.*at least 3"):
+        build_dataset(folder_cfg(root, max_items=2), channels=3)
+
+
+def test_colour_data_is_never_made_grey_silently(tmp_path):
+    from latentflow.data import check_channels
+
+    root = make_folder(tmp_path / "pets")
+    with pytest.raises(DataError, match=r"in colour but VAE embedded takes 1 channel.*data.convert_to_gray=true"):
+        check_channels(folder_cfg(root), 1, "embedded")
+    assert "made grey" in check_channels(folder_cfg(root, convert_to_gray=True), 1, "embedded")
+    assert check_channels(folder_cfg(root), 3, "my-vae") == ""  # colour in, colour out: nothing to say
+    assert "repeated to 3 channels" in check_channels(DataConfig(), 3, "sd-vae")  # grey digits, colour VAE
+
+
+def test_reconstruct_counts_only_the_images_it_used(tmp_path, tiny_vae_dir):
+    from latentflow.reconstruction import reconstruct
+
+    root = make_folder(tmp_path / "pets", per_class=4)
+    (root / "cats" / "empty.png").write_bytes(b"")
+    vae = FrozenVAE.from_pretrained(str(tiny_vae_dir))
+    metrics = reconstruct(vae, folder_cfg(root, image_size=32, skip_bad_images=True), tmp_path / "r.png", show=4)
+    assert metrics["num_images"] == 8 and metrics["skipped_files"] == 1

@@ -97,6 +97,31 @@ def test_settings_resolve_against_the_models_and_name_the_callers_flag():
         SamplerSettings.resolve(model, cfg_scale=float("inf"))
 
 
+def test_a_jumping_model_takes_only_jumps_and_its_own_guidance():
+    from latentflow.errors import LatentflowError
+    from latentflow.sampling import SamplerSettings
+
+    jumper = SamplerSettings(solver="meanflow", steps=1, cfg_scale=1.5, objective="meanflow")
+    assert SamplerSettings.resolve(jumper, steps=2).steps == 2
+    assert SamplerSettings.resolve(jumper, cfg_scale=1.5).cfg_scale == 1.5
+    assert SamplerSettings.resolve(jumper, cfg_scale=0).cfg_scale == 0  # unconditional: allowed
+    with pytest.raises(LatentflowError, match="--solver 'heun': this model was trained with flow.objective=meanflow"):
+        SamplerSettings.resolve(jumper, solver="heun", names={"solver": "--solver"})
+    with pytest.raises(LatentflowError, match="guidance_scale 3.0: this model was trained with guidance 1.5 built in"):
+        SamplerSettings.resolve(jumper, cfg_scale=3.0)
+    with pytest.raises(LatentflowError, match="solver 'meanflow': meanflow jumps need a model trained with"):
+        SamplerSettings.resolve(SamplerSettings(), solver="meanflow")  # a cfm model keeps every ODE solver
+
+
+def test_one_jump_with_a_two_time_model_is_one_evaluation(tiny_vae_dir):
+    torch.manual_seed(0)
+    m = create_model("DiT-Nano/2", sample_size=8, in_channels=4, num_classes=10, two_times=True).eval()
+    vae = FrozenVAE.from_pretrained(str(tiny_vae_dir))
+    one = sample_images(m, vae, (4, 8, 8), [1, 2], solver="meanflow", steps=1, cfg_scale=1.5, seed=3)
+    two = sample_images(m, vae, (4, 8, 8), [1, 2], solver="meanflow", steps=2, cfg_scale=1.5, seed=3)
+    assert one.nfe == 1 and two.nfe == 2 and one.images.shape == (2, 32, 32, 1)
+
+
 def test_labels_are_read_one_way_everywhere():
     from latentflow.errors import LatentflowError
     from latentflow.sampling import labels_for

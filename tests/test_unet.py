@@ -66,3 +66,20 @@ def test_a_unet_trains_samples_and_exports_through_main_py(tmp_path):
     assert "NFE 2" in proc.stdout
     index = (run / "export" / "model_index.json").read_text()
     assert '"latentflow.models.unet"' in index and '"UNet"' in index
+
+
+def test_a_second_time_input_only_for_average_velocity_models(tmp_path):
+    torch.manual_seed(0)
+    plain = create_model("UNet-S", sample_size=8, in_channels=4, num_classes=10)
+    torch.manual_seed(0)
+    two = create_model("UNet-S", sample_size=8, in_channels=4, num_classes=10, two_times=True)
+    shared = {k.replace("class_embedding.labels.", "class_embedding."): v for k, v in two.state_dict().items()}
+    assert all(torch.equal(v, shared[k]) for k, v in plain.state_dict().items())  # cfm weights as they were
+    two = perturbed(two_times=True)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 10])
+    torch.testing.assert_close(two(x, t, y), two(x, t, y, gap=torch.zeros(3)))
+    assert not torch.allclose(two(x, t, y, gap=torch.full((3,), 0.5)), two(x, t, y))
+    two.save_pretrained(tmp_path / "m")
+    again = model_from_config("UNet", dict(UNet.load_config(tmp_path / "m")))
+    again.load_state_dict(two.state_dict())
+    torch.testing.assert_close(again.eval()(x, t, y, gap=t), two(x, t, y, gap=t))

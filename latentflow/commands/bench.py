@@ -10,6 +10,9 @@ Configurations (images/s = median over timed windows after warm-up):
   (d) batch     (b) or (c), whichever is faster, at larger batches
   (e) compile   the best of (d) under ``torch.compile`` (opt-in on CPU: compiling takes minutes);
       and the best of (d) with timm's fused attention (scaled_dot_product_attention) turned off
+  (f) meanflow  the best of (d) with the average-velocity objective (flow.objective=meanflow: a
+      forward-mode derivative pass and a guidance pass), and its cost per step against (d)'s
+      (its GFLOP/s column still counts a cfm step's FLOPs)
 
 All use the same loss code as training (``training.objective.training_loss``) and AdamW. Achieved
 GFLOP/s counts the DiT step only, as 3 x the forward FLOPs of ``DiT.flops_per_sample``
@@ -23,7 +26,7 @@ import json
 import resource
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -150,18 +153,22 @@ class _Bench:
         self.cache_std = 0.1 * torch.rand(n, 4, side, side, generator=gen).to(device)
         self.cache_labels = torch.randint(0, 10, (n,), generator=gen).to(device)
 
-    def new_model(self):
+    def new_model(self, two_times: bool = False):
         torch.manual_seed(0)
         try:
-            m = create_model(self.model_name, sample_size=self.s.latent_size, in_channels=4, num_classes=10)
+            m = create_model(
+                self.model_name, sample_size=self.s.latent_size, in_channels=4, num_classes=10, two_times=two_times
+            )
         except ValueError as exc:
             raise LatentflowError(f"--model {self.model_name} with --latent-size {self.s.latent_size}: {exc}") from None
         m = m.to(self.device)
         return m, torch.optim.AdamW(m.parameters(), lr=1e-4)
 
     def dit_step(self, m, o, x1, labels, bf16: bool) -> None:
+        jumps = bool(getattr(m, "config", {}).get("two_times"))  # an average-velocity model: MeanFlow's loss
+        flow = replace(self.flow, objective="meanflow") if jumps else self.flow
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            per_sample, _ = training_loss(m, x1, labels, self.flow, 0.1, m.null_label)
+            per_sample, _, _ = training_loss(m, x1, labels, flow, 0.1, m.null_label, cfg_scale=1.5 if jumps else 1.0)
         per_sample.mean().backward()
         o.step()
         o.zero_grad(set_to_none=True)
@@ -244,6 +251,11 @@ def run_bench(s: BenchSettings, device: Optional[torch.device] = None, log: Call
     bench.record("(e) unfused attention", batch, precision, bench.cached_step(model, opt, batch, bf16, scale))
     for block in model.blocks:
         block.attn.fused_attn = True
+    # (f) the MeanFlow objective (forward-mode derivative, guidance pass) at the same batch
+    jumper, jopt = bench.new_model(two_times=True)
+    row = bench.record("(f) meanflow objective", batch, precision, bench.cached_step(jumper, jopt, batch, bf16, scale))
+    row["step_cost_vs_cfm"] = best["images_per_s"] / row["images_per_s"]
+    log(f"  a meanflow step costs {row['step_cost_vs_cfm']:.2f}x a cfm step ({best['config']}, same batch)")
     if s.compile:
         compiled, copt = bench.new_model()
         bench.record(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -68,7 +67,7 @@ def evaluate_model(
         generator=torch.Generator().manual_seed(seed),
         batch_size=batch_size,
         names=names,
-        **asdict(settings),
+        **settings.choices,
     )
     seconds = time.perf_counter() - start
     result = evaluate_images(samples.images, samples.labels, net, references)

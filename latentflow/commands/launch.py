@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -88,7 +89,17 @@ def _with_defaults(args: List[str]) -> List[str]:
     for flag, value in defaults:
         if not _flag(args, flag) and not _flag(args, "--config_file"):
             args += [flag, value]
+    chosen = _flag(args, "--num_cpu_threads_per_process", "--config_file") or "OMP_NUM_THREADS" in os.environ
+    if not chosen:
+        args += ["--num_cpu_threads_per_process", str(threads_per_process(_num_processes(args)))]
     return args
+
+
+def threads_per_process(processes: int) -> int:
+    """The CPU cores this process may use, shared evenly among ``processes`` workers (at
+    least one each): more threads than cores make every process wait on the others."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, processes))
 
 
 def launch(launcher_args: Sequence[str], script_args: Sequence[str], run_inline: Callable[[List[str]], int]) -> int:
@@ -99,6 +110,8 @@ def launch(launcher_args: Sequence[str], script_args: Sequence[str], run_inline:
     process with nothing else to set up runs here, through ``run_inline`` (signals then reach
     the run itself)."""
     args = list(launcher_args)
+    # what a stopped run's resume hint repeats (the workers see it in their environment)
+    os.environ["LATENTFLOW_LAUNCH_COMMAND"] = shlex.join(["python", "main.py", "launch", *args, "--"])
     if not _flag(args, *_CHOSEN):
         if _num_processes(args) > 1:
             args.append("--multi_gpu")

@@ -5,7 +5,6 @@ unconditional), by default under ``RUN/samples/``."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -79,7 +78,7 @@ def generate(
         batch_size=batch_size,
         trajectory_times=trajectory,
         names=names,
-        **asdict(settings),
+        **settings.choices,
     )
     seconds = time.perf_counter() - start
     written = _write(result, png, npz, ncol or min(10, num_samples), trajectory, num_samples)

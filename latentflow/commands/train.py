@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,9 @@ def resume_command(options: RunOptions, run_dir: Optional[Path]) -> str:
             continue
         if not arg.startswith("--resume="):
             cleaned.append(arg)
-    prefix = "accelerate launch <your launch flags> main.py" if is_launched() else "python main.py"
+    prefix = "python main.py"
+    if is_launched():  # under `python main.py launch ...`, that command; else Accelerate's own launcher
+        prefix = os.environ.get("LATENTFLOW_LAUNCH_COMMAND") or "accelerate launch <your launch flags> main.py"
     return " ".join([prefix, *map(shlex.quote, cleaned), "--resume", shlex.quote(str(run_dir))])
 
 

@@ -35,7 +35,7 @@ def dataset_features(
 
 def describe_data(data: DataConfig) -> str:
     where = data.path or "bundled"
-    first = "" if data.max_items is None else f", first {data.max_items}"
+    first = "" if data.max_items is None else f", {data.max_items} of them"
     return f"{data.source} {where} ({data.split}, {data.image_size} px{first})"
 
 

@@ -3,9 +3,10 @@ an experiment's ``model.name`` picks one, and the config's choices come from thi
 adding a size or a backbone is one ``register`` call.
 
 Every backbone is a diffusers ``ModelMixin`` + ``ConfigMixin`` with the same contract,
-``forward(x, t, y=None)`` (latents (B, C, H, W), times (B,) in [0, 1], labels (B,) or None),
-and a ``null_label`` attribute for classifier-free guidance. Its config records everything
-needed to rebuild it, so checkpoints and exports describe themselves.
+``forward(x, t, y=None, gap=None)``: latents (B, C, H, W), times (B,) in [0, 1], labels (B,)
+or None, and for models built with ``two_times`` the gap (B,) to an end time; and a
+``null_label`` attribute for classifier-free guidance. Its config records everything needed
+to rebuild it, so checkpoints and exports describe themselves.
 """
 
 from __future__ import annotations
@@ -36,13 +37,19 @@ def register(name: str, cls: Type[nn.Module], **kwargs) -> None:
     MODEL_CLASSES.setdefault(cls.__name__, cls)
 
 
-def create_model(name: str, *, sample_size: int, in_channels: int, num_classes: int) -> nn.Module:
+def create_model(
+    name: str, *, sample_size: int, in_channels: int, num_classes: int, two_times: bool = False
+) -> nn.Module:
     """Build preset ``name`` for latents of ``in_channels`` x ``sample_size`` x ``sample_size``
-    and ``num_classes`` classes (0: unconditional)."""
+    and ``num_classes`` classes (0: unconditional); ``two_times`` adds the second time input
+    (the gap to the end time) that average-velocity models take."""
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; registered: {', '.join(MODELS)}")
     preset = MODELS[name]
-    return preset.cls(sample_size=sample_size, in_channels=in_channels, num_classes=num_classes, **preset.kwargs)
+    extra = {"two_times": True} if two_times else {}
+    return preset.cls(
+        sample_size=sample_size, in_channels=in_channels, num_classes=num_classes, **preset.kwargs, **extra
+    )
 
 
 def model_from_config(class_name: str, config: Dict[str, Any]) -> nn.Module:

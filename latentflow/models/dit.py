@@ -76,6 +76,12 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t * self.time_scale, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
+def _init_time_embedder(embedder: TimestepEmbedder) -> None:
+    for layer in (embedder.mlp[0], embedder.mlp[2]):
+        nn.init.normal_(layer.weight, std=0.02)
+        nn.init.zeros_(layer.bias)
+
+
 class DiTBlock(nn.Module):
     def __init__(self, hidden: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -122,6 +128,7 @@ class DiT(ModelMixin, ConfigMixin):
         depth: int = 12,
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
+        two_times: bool = False,
     ):
         super().__init__()
         if sample_size % patch_size:
@@ -135,12 +142,24 @@ class DiT(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False
 
         self.x_embedder = PatchEmbed(sample_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        # An average-velocity model is differentiated in time during training, and DiT's x1000
+        # (integer timesteps) multiplies that derivative by up to 1000: its targets then grow
+        # without bound (measured: the loss diverged within 5 epochs at 1000, fell at 1 and 10).
+        # It embeds times at unit scale.
+        time_scale = 1.0 if two_times else 1000.0
+        self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.h_embedder = None
         self.initialize_weights()
+        if two_times:
+            # average-velocity models (flow.objective=meanflow) also see the gap to their end
+            # time; built after the rest, so that every other weight draws what a flow-matching
+            # model of the same seed draws
+            self.h_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
+            _init_time_embedder(self.h_embedder)
 
     def initialize_weights(self) -> None:
         def xavier(m):
@@ -153,8 +172,7 @@ class DiT(ModelMixin, ConfigMixin):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.weight, std=0.02)
-        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(layer.weight, std=0.02)
+        _init_time_embedder(self.t_embedder)
         # adaLN-Zero: gates and output start at zero.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN[-1].weight)
@@ -163,12 +181,18 @@ class DiT(ModelMixin, ConfigMixin):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, C, H, W) latents, t: (B,) times in [0, 1], y: (B,) labels or None."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, gap: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """x: (B, C, H, W) latents, t: (B,) times in [0, 1], y: (B,) labels or None; for a
+        ``two_times`` model, gap: (B,) the span to the end time (None: 0, the instantaneous
+        velocity)."""
         if y is None:
             y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
         h = self.x_embedder(x) + self.pos_embed  # (B, N, D), N = (H/p)*(W/p)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        if self.h_embedder is not None:
+            c = c + self.h_embedder(torch.zeros_like(t) if gap is None else gap)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 h = self._gradient_checkpointing_func(block, h, c)  # recomputed in backward

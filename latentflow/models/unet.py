@@ -37,6 +37,7 @@ class UNet(ModelMixin, ConfigMixin):
         layers_per_block: int = 2,
         attention_levels: Sequence[bool] = (False, True),
         attention_head_dim: int = 32,
+        two_times: bool = False,
     ):
         super().__init__()
         levels = len(block_out_channels)
@@ -62,12 +63,40 @@ class UNet(ModelMixin, ConfigMixin):
         )
         nn.init.zeros_(self.unet.conv_out.weight)  # zero velocity at the start
         nn.init.zeros_(self.unet.conv_out.bias)
+        if two_times:  # average-velocity models: the gap joins the label in the class embedding
+            self.unet.class_embedding = _LabelAndGap(self.unet.class_embedding, block_out_channels[0])
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, C, H, W) latents, t: (B,) times in [0, 1], y: (B,) labels or None."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, gap: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """x: (B, C, H, W) latents, t: (B,) times in [0, 1], y: (B,) labels or None; for a
+        ``two_times`` model, gap: (B,) the span to the end time (None: 0)."""
         if y is None:
             y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
-        return self.unet(x, t * 1000.0, class_labels=y).sample  # (B, C, H, W)
+        if not isinstance(self.unet.class_embedding, _LabelAndGap):
+            return self.unet(x, t * 1000.0, class_labels=y).sample  # (B, C, H, W)
+        # an average-velocity model: times at unit scale (see the DiT), the gap beside the label
+        self.unet.class_embedding.gap = torch.zeros_like(t) if gap is None else gap
+        return self.unet(x, t, class_labels=y).sample
+
+
+class _LabelAndGap(nn.Module):
+    """The UNet's class embedding plus an embedding of the gap ``t - r`` (sinusoidal features,
+    then an MLP, as the UNet embeds its time). ``UNet.forward`` sets ``gap``
+    before each call, since ``UNet2DModel`` passes only the labels through."""
+
+    def __init__(self, labels: nn.Embedding, channels: int):
+        super().__init__()
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
+        self.labels = labels
+        self.features = Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.mlp = TimestepEmbedding(channels, labels.embedding_dim)
+        self.gap: Optional[torch.Tensor] = None
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        gap = self.features(self.gap).to(self.mlp.linear_1.weight.dtype)
+        return self.labels(y) + self.mlp(gap)
 
 
 # name -> (block_out_channels, layers_per_block, attention at each level). Two levels fit the

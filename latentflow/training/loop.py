@@ -135,14 +135,22 @@ def train_step(trainer: Trainer, epoch: int, iteration: int) -> StepResult:
             x1 = trainer.vae.scale(z)  # (B, c, h, w) data end of the path
             if cfg.model.unconditional:
                 labels = torch.full_like(labels, trainer.raw_model.null_label)  # p(x): every label is "none"
-            per_sample, t = training_loss(
-                model, x1, labels, cfg.flow, cfg.model.class_dropout, trainer.raw_model.null_label, gen
+            per_sample, t, error = training_loss(
+                model,
+                x1,
+                labels,
+                cfg.flow,
+                cfg.model.class_dropout,
+                trainer.raw_model.null_label,
+                gen,
+                cfg_scale=cfg.sampler.cfg_scale,
+                step=trainer.state.step,
             )
             loss = per_sample.mean() * float("inf") if poison else per_sample.mean()
             bins = (t * TIME_BINS).long().clamp_(max=TIME_BINS - 1)  # (B,)
-            bin_sum.index_add_(0, bins, per_sample.detach().float())
+            bin_sum.index_add_(0, bins, error.detach().float())
             bin_count.index_add_(0, bins, torch.ones_like(t))
-            losses.append(loss.detach())
+            losses.append(loss.detach() if error is per_sample else error.detach().mean())
             acc.backward(loss)
             if acc.sync_gradients:
                 clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
@@ -300,14 +308,18 @@ def end_of_epoch(trainer: Trainer, epoch: int, stats: EpochStats, seconds: float
 def _write_epoch(trainer: Trainer, epoch: int, record: dict) -> None:
     """Main process: the grid, the log record, the best export, the tracker, one line."""
     acc, st, cfg = trainer.accelerator, trainer.state, trainer.cfg
-    figure = trainer.run_dir / "figures" / f"epoch_{epoch + 1:03d}.png"
     pipe = ema_pipeline(trainer)
-    try:
-        grid = draw_grid(trainer, pipe, figure)
-    except Stopped:  # a signal during the grid: the checkpoint still comes, the rest waits for the resume
-        trainer.append_log(record)
-        trainer.say(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {record['loss']:.4f}  (grid stopped on request)")
-        return
+    figure, grid = None, None
+    if _due(cfg.train.grid_every, epoch, cfg.train.epochs):
+        figure = trainer.run_dir / "figures" / f"epoch_{epoch + 1:03d}.png"
+        try:
+            grid = draw_grid(trainer, pipe, figure)
+        except Stopped:  # a signal during the grid: the checkpoint still comes, the rest waits for the resume
+            trainer.append_log(record)
+            trainer.say(
+                f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {record['loss']:.4f}  (grid stopped on request)"
+            )
+            return
     trainer.append_log(record)
     val_loss, best = record["val_loss"], st.best_epoch == epoch + 1
     if val_loss is not None and best:  # the best so far: keep it as best/
@@ -320,19 +332,25 @@ def _write_epoch(trainer: Trainer, epoch: int, record: dict) -> None:
         "epoch/val_loss": val_loss,
     }
     acc.log({k: v for k, v in scalars.items() if v is not None}, step=st.step)
-    log_image(acc, "grid", grid, st.step)
+    if grid is not None:
+        log_image(acc, "grid", grid, st.step)
     loss_text = f"loss {record['loss']:.4f}"
     val_text = "" if val_loss is None else f"  val {val_loss:.4f}{' (best)' if best else ''}"
     trainer.say(
         f"epoch {epoch + 1:3d}/{cfg.train.epochs}  {loss_text}{val_text}  {record['seconds']:6.1f} s  "
-        f"{record['images_per_s']:7.0f} img/s  -> {figure.parent.name}/{figure.name}"
+        f"{record['images_per_s']:7.0f} img/s" + (f"  -> {figure.parent.name}/{figure.name}" if figure else "")
     )
-    every = cfg.train.eval_every
-    if every and ((epoch + 1) % every == 0 or epoch + 1 == cfg.train.epochs):
+    if _due(cfg.train.eval_every, epoch, cfg.train.epochs):
         try:
             evaluate_during_training(trainer, pipe, epoch)
         except Stopped:
             trainer.say("  eval stopped on request")
+
+
+def _due(every: int, epoch: int, epochs: int) -> bool:
+    """Whether a thing done every ``every`` epochs (and at the last; never for 0) is due at
+    the end of ``epoch`` (0-based)."""
+    return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == epochs)
 
 
 def finish(trainer: Trainer) -> Path:

@@ -1,5 +1,6 @@
 """The training objective of one batch: noise, times and label dropout drawn from the step's
-generator, then the conditional flow-matching loss of ``flow.py``."""
+generator, then the conditional flow-matching loss of ``flow.py``, or its average-velocity
+(MeanFlow) loss."""
 
 from __future__ import annotations
 
@@ -7,9 +8,17 @@ from typing import Optional
 
 import torch
 
-from ..flow import cfm_loss, sample_time
+from ..flow import (
+    broadcast_time,
+    cfm_loss,
+    interpolate,
+    meanflow_loss,
+    sample_time,
+    sample_two_times,
+    target_velocity,
+)
 
-__all__ = ["drop_labels", "training_loss"]
+__all__ = ["drop_labels", "forward_mode_attention", "training_loss"]
 
 
 def drop_labels(labels: torch.Tensor, prob: float, null_label: int, generator: Optional[torch.Generator] = None):
@@ -20,18 +29,71 @@ def drop_labels(labels: torch.Tensor, prob: float, null_label: int, generator: O
     return torch.where(drop, torch.full_like(labels, null_label), labels)
 
 
-def training_loss(model, x1, labels, flow, class_dropout: float, null_label: int, generator=None):
-    """Per-sample CFM loss (B,) and the times t (B,) for one batch of model-space latents:
-    noise, times and label dropout from ``generator``. Shared by training and the benchmark."""
+def training_loss(
+    model, x1, labels, flow, class_dropout: float, null_label: int, generator=None, *, cfg_scale=1.0, step=0
+):
+    """``(loss, t, error)`` for one batch of model-space latents, each (B,): the per-sample
+    loss to minimise, the time each sample sits at, and its squared error (what the log
+    shows; the loss itself for cfm). Noise, times and label dropout come from ``generator``.
+    Shared by training and the benchmark.
+
+    ``flow.objective`` picks the loss: CFM, or the average velocity (MeanFlow), for which
+    ``cfg_scale`` is the guidance built into the target and ``step`` paces the curriculum."""
     x0 = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)  # (B, c, h, w) noise
-    t = sample_time(
-        x1.shape[0],
-        flow.time_sampler,
+    times = dict(
+        scheme=flow.time_sampler,
         device=x1.device,
         generator=generator,
         logit_mean=flow.logit_mean,
         logit_std=flow.logit_std,
         t_max=flow.t_max,
-    )  # (B,)
+    )
+    if flow.objective == "meanflow":
+        return _meanflow(model, x0, x1, labels, flow, class_dropout, null_label, generator, cfg_scale, step, times)
+    t = sample_time(x1.shape[0], **times)  # (B,)
     y = drop_labels(labels, class_dropout, null_label, generator)
-    return cfm_loss(model, x0, x1, t, flow.sigma_min, y=y), t
+    loss = cfm_loss(model, x0, x1, t, flow.sigma_min, y=y)
+    return loss, t, loss
+
+
+def _meanflow(model, x0, x1, labels, flow, class_dropout, null_label, generator, cfg_scale, step, times):
+    max_gap = min(1.0, step / flow.gap_warmup_steps) if flow.gap_warmup_steps else 1.0
+    r, t = sample_two_times(x1.shape[0], flow.equal_times, max_gap, **times)  # (B,) each, r <= t
+    y = drop_labels(labels, class_dropout, null_label, generator)
+    v = target_velocity(x0, x1, flow.sigma_min)  # (B, c, h, w) the conditional velocity at r
+    guided = y != null_label  # (B,)
+    if cfg_scale != 1 and bool(guided.any()):
+        # guidance folded into the target (MeanFlow, eq. 13): where a label is kept, move with
+        # s * v + (1 - s) * v_uncond, the unconditional velocity from the network itself
+        with torch.no_grad():
+            v_uncond = model(interpolate(x0, x1, r, flow.sigma_min), r, torch.full_like(y, null_label))
+        v = torch.where(broadcast_time(guided, v), cfg_scale * v + (1 - cfg_scale) * v_uncond.to(v.dtype), v)
+
+    def average(z, r_, t_):
+        return model(z, r_, y, gap=t_ - r_)
+
+    loss, error = forward_mode_attention(
+        lambda: meanflow_loss(average, x0, x1, r, t, flow.sigma_min, v=v, power=flow.loss_power), x1.device.type
+    )
+    return loss, r, error
+
+
+_MATH_ATTENTION = set()  # device types whose fused attention kernel refused forward-mode AD
+
+
+def forward_mode_attention(call, device_type: str):
+    """Run ``call`` (a forward pass with forward-mode autodiff) with the fused attention kernel
+    where it supports forward mode, else with PyTorch's composite attention, which does (the
+    CPU's and the flash kernels do not, in torch 2.x). The choice is made on the first call,
+    per device type, and kept."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device_type not in _MATH_ATTENTION:
+        try:
+            return call()
+        except NotImplementedError as exc:
+            if "forward AD" not in str(exc):
+                raise
+            _MATH_ATTENTION.add(device_type)
+    with sdpa_kernel(SDPBackend.MATH):
+        return call()

@@ -51,7 +51,11 @@ def _claim(run_dir: Path, lock: List[RunLock], console: Console) -> Path:
 def _build_model(cfg: ExperimentConfig, latent_shape, num_classes: int):
     try:
         return create_model(
-            cfg.model.name, sample_size=latent_shape[1], in_channels=latent_shape[0], num_classes=num_classes
+            cfg.model.name,
+            sample_size=latent_shape[1],
+            in_channels=latent_shape[0],
+            num_classes=num_classes,
+            two_times=cfg.flow.objective == "meanflow",
         )
     except ValueError as exc:
         raise LatentflowError(f"model.name {cfg.model.name}: {exc}") from None
@@ -94,31 +98,13 @@ def setup(
     if resume is not None:
         on_main(accelerator, lambda: _claim(resume[0], lock, console))  # before any work: one writer per run
 
-    vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder).to(device)
+    vae, dataset = _vae_and_data(cfg, device, console if is_main else None)
     latent_shape = vae.latent_shape(cfg.data.image_size)  # (c, h, w)
-    channels = check_channels(cfg.data, vae.in_channels, cfg.vae.pretrained)
-    dataset = build_dataset(cfg.data, channels=vae.in_channels)
-    for line in (channels, dataset.subset and f"data.max_items: training on {dataset.subset}"):
-        if line and is_main:
-            console.line(line)
     set_seed(cfg.train.seed)  # identical initial weights on every rank, before anything else draws
     num_classes = 0 if cfg.model.unconditional else dataset.num_classes
     model = _build_model(cfg, latent_shape, num_classes)
     faults = Faults.from_env()
-    cache, cache_root = load_or_build_cache(
-        vae,
-        dataset,
-        options.cache_dir or default_cache_dir(),
-        accelerator,
-        cfg.data,
-        cfg.vae,
-        stall_s=max(3600.0, options.dist_timeout),
-        console=console if is_main else None,
-        faults=faults,
-        stop=lambda: stop.requested,
-    )
-    if stop.requested:  # asked to stop while encoding: no run directory for a run that never started
-        raise Stopped("stopped after encoding the latent cache")
+    cache, cache_root = _latents(cfg, options, accelerator, vae, dataset, stop, console, faults)
     _check_every_class_trains(cache, num_classes, getattr(dataset, "class_names", None), dataset.origin)
     model, raw_model, ema, optimizer = _prepare(cfg, model, accelerator)
     batches = LatentBatches(
@@ -167,6 +153,37 @@ def setup(
     return trainer
 
 
+def _vae_and_data(cfg: ExperimentConfig, device, console: Optional[Console]):
+    """The frozen VAE and the dataset, saying (main process) what happens to the images'
+    channels and which subset ``data.max_items`` kept."""
+    vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder).to(device)
+    channels = check_channels(cfg.data, vae.in_channels, cfg.vae.pretrained)
+    dataset = build_dataset(cfg.data, channels=vae.in_channels)
+    for line in (channels, dataset.subset and f"data.max_items: training on {dataset.subset}"):
+        if line and console is not None:
+            console.line(line)
+    return vae, dataset
+
+
+def _latents(cfg: ExperimentConfig, options: RunOptions, accelerator, vae, dataset, stop, console, faults):
+    """The latent cache (built by every process for its shards, or found), and its root."""
+    cache, cache_root = load_or_build_cache(
+        vae,
+        dataset,
+        options.cache_dir or default_cache_dir(),
+        accelerator,
+        cfg.data,
+        cfg.vae,
+        stall_s=max(3600.0, options.dist_timeout),
+        console=console if accelerator.is_main_process else None,
+        faults=faults,
+        stop=lambda: stop.requested,
+    )
+    if stop.requested:  # asked to stop while encoding: no run directory for a run that never started
+        raise Stopped("stopped after encoding the latent cache")
+    return cache, cache_root
+
+
 def _check_every_class_trains(cache, num_classes: int, names, origin: str) -> None:
     """A class with no training image would still get a grid row and guidance: refuse it."""
     if not num_classes:
@@ -202,7 +219,8 @@ def _announce(trainer: Trainer, rows: int, latent_shape, in_channels: int, cache
     trainer.say(
         f"run {trainer.run_dir}  |  {cfg.model.name} ({n_params / 1e6:.2f} M params) on {rows} latents "
         f"{tuple(latent_shape)} of {'colour' if in_channels == 3 else f'{in_channels}-channel'} "
-        f"{cfg.data.image_size} px images  |  {acc.num_processes} process(es) on {acc.device.type}, "
+        f"{cfg.data.image_size} px images  |  {acc.num_processes} process(es) on {acc.device.type}"
+        f"{f' ({torch.get_num_threads()} thread(s) each)' if acc.device.type == 'cpu' else ''}, "
         f"mixed precision {acc.mixed_precision}  |  cache {cache_root.name}"
     )
 

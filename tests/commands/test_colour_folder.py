@@ -80,7 +80,23 @@ def test_colour_folder_trains_samples_evaluates_and_exports_in_colour(tmp_path):
     run_main("train-classifier", "--config", "smoke", *data, "--epochs", "2", "--out", clf)
     proc = run_main("evaluate", "--checkpoint", run, "--feature-net", clf, "--num-samples", "30")
     report = json.loads(next((run / "eval").glob("*.json")).read_text())
-    assert "accuracy" in proc.stdout and report["references"]["train"]["fd"] > 0
+    assert "accuracy" in proc.stdout and report["references"]["train"]["reference_images"] == 36  # 3 skipped
+    # the run's data rules, with --set on top
+    fewer = tmp_path / "fewer.json"
+    run_main(
+        "evaluate",
+        "--checkpoint",
+        run,
+        "--feature-net",
+        clf,
+        "--num-samples",
+        "30",
+        "--set",
+        "data.max_items=12",
+        "--out",
+        fewer,
+    )
+    assert json.loads(fewer.read_text())["references"]["train"]["reference_images"] == 12
 
     export = tmp_path / "export"
     run_main("export", "--checkpoint", run, "--out", export)

@@ -114,6 +114,8 @@ def test_sigterm_to_the_launcher_stops_both_ranks_at_one_step(reference, tmp_pat
     stopped_at = json.loads((latest_checkpoint(run) / "state.json").read_text())["step"]
     text = (tmp_path / "err.log").read_text()
     assert f"stopped (SIGTERM) after optimizer step {stopped_at}" in text or stopped_at == 24
+    # the hint repeats the launch the user typed
+    assert "continue with: python main.py launch --num_processes 2 --mixed_precision no -- --config " in text
     launch(*EXACT, "--output-dir", tmp_path, "--cache-dir", out / "cache", "--resume", "latest")
     assert_same_final_state(ref_run, run, final_step=24)
 
@@ -207,6 +209,7 @@ def launched(monkeypatch, *launcher_args, script=("--config", "smoke")):
     from latentflow.commands import launch as module
 
     seen = {}
+    monkeypatch.setenv("LATENTFLOW_LAUNCH_COMMAND", "")  # launch() sets it; restored afterwards
     monkeypatch.setattr(module, "_run_launcher", lambda args, script_args: seen.update(accelerate=args) or 0)
     module.launch(list(launcher_args), list(script), run_inline=lambda argv: seen.update(inline=argv) or 0)
     return seen
@@ -230,9 +233,15 @@ def test_one_process_runs_in_this_process_with_its_precision(monkeypatch):
 
 
 def test_several_processes_take_accelerates_multi_process_launcher(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     flags = launched(monkeypatch, "--num_processes", "2")["accelerate"]
     assert "--multi_gpu" in flags and flags[flags.index("--num_machines") + 1] == "1"
     assert "--mixed_precision" in flags and "--dynamo_backend" in flags  # latentflow's defaults, no warnings
+    # the usable cores shared between the processes, unless the user chose
+    cores = len(os.sched_getaffinity(0))
+    assert flags[flags.index("--num_cpu_threads_per_process") + 1] == str(max(1, cores // 2))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert "--num_cpu_threads_per_process" not in launched(monkeypatch, "--num_processes", "2")["accelerate"]
     own = launched(monkeypatch, "--config_file", "experiments/accelerate/fsdp.yaml")["accelerate"]
     assert own == ["--config_file", "experiments/accelerate/fsdp.yaml"]  # a config file says it all
 

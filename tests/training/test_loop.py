@@ -14,6 +14,7 @@ from latentflow.training.checkpoints import Resume
 from latentflow.training.loop import end_of_epoch, train_one_epoch, train_step
 from latentflow.training.setup import setup
 from latentflow.training.state import RunOptions
+from tests.conftest import log_records
 
 
 @pytest.fixture
@@ -91,6 +92,15 @@ def test_an_epoch_end_checkpoint_resumes_bit_for_bit(make_trainer):
         assert torch.equal(a, b)
     for a, b in zip(weights(first.ema.model), weights(resumed.ema.model)):
         assert torch.equal(a, b)
+
+
+def test_grids_come_every_grid_every_epochs_and_at_the_last(make_trainer):
+    trainer = make_trainer("train.epochs=3", "train.grid_every=2")
+    for epoch in range(3):
+        end_of_epoch(trainer, epoch, train_one_epoch(trainer, epoch), seconds=1.0)
+    drawn = sorted(p.name for p in (trainer.run_dir / "figures").glob("epoch_*.png"))
+    assert drawn == ["epoch_002.png", "epoch_003.png"]
+    assert [r["epoch"] for r in log_records(trainer.run_dir, "epoch")] == [1, 2, 3]  # logged all the same
 
 
 def test_two_ranks_draw_different_noise_but_start_from_identical_weights():

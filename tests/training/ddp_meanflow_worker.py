@@ -1,0 +1,30 @@
+"""Run by tests/training/test_meanflow.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): the
+MeanFlow loss of a DDP-wrapped two-time DiT, with its forward-mode derivative and a
+no-gradient guidance pass, each rank on its half of one seeded batch. Rank 0 saves the
+gradients DDP averaged, for comparison with one process on the whole batch."""
+
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.training.test_meanflow import batch, meanflow_grads, two_time_dit
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = DistributedDataParallel(two_time_dit())
+    half = [x.chunk(world)[rank] for x in batch()]
+    grads = meanflow_grads(model, model.module, *half)
+    if rank == 0:
+        save_file(grads, str(out / "ddp.safetensors"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

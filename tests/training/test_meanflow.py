@@ -1,0 +1,104 @@
+"""The MeanFlow objective in training: the forward-mode derivative through the real DiT and
+UNet (attention included, on the kernel that supports it), gradients that DDP synchronises
+across processes, and a few optimizer steps of the training loss that learn."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from latentflow.config import FlowConfig
+from latentflow.flow import meanflow_loss, time_derivative
+from latentflow.models import create_model
+from latentflow.training.objective import forward_mode_attention, training_loss
+
+HERE = Path(__file__).resolve().parent
+
+
+def two_time_dit(name="DiT-Nano/2"):
+    torch.manual_seed(0)
+    model = create_model(name, sample_size=8, in_channels=4, num_classes=10, two_times=True)
+    with torch.no_grad():  # off the zero-initialised output, so every weight gets gradients
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def batch(n=8):
+    g = torch.Generator().manual_seed(1)
+    x0, x1 = torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 4, 8, 8, generator=g)
+    r = torch.rand(n, generator=g) * 0.5
+    t = r + torch.rand(n, generator=g) * 0.5
+    return x0, x1, r, t, torch.randint(0, 11, (n,), generator=g)
+
+
+def meanflow_grads(model, raw, x0, x1, r, t, y):
+    """Gradients of the mean MeanFlow loss (with a guidance pass without gradient first, as
+    training makes one), keyed by parameter name."""
+    with torch.no_grad():
+        model(x0, r, torch.full_like(y, 10))
+    loss, _ = forward_mode_attention(
+        lambda: meanflow_loss(lambda z, r_, t_: model(z, r_, y, gap=t_ - r_), x0, x1, r, t, 1e-3), "cpu"
+    )
+    loss.mean().backward()
+    return {k: p.grad.detach().clone() for k, p in raw.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["DiT-Nano/2", "UNet-S"])
+def test_the_derivative_through_each_backbone_matches_finite_differences(name):
+    model = two_time_dit(name).double()
+    x0, x1, r, t, y = (v.double() if v.is_floating_point() else v for v in batch(3))
+    dz = torch.randn_like(x0)
+    f = lambda z, r_: model(z, r_, y, gap=t - r_)
+    _, dudr = forward_mode_attention(lambda: time_derivative(f, x0, r, dz), "cpu")
+    eps = 1e-3  # the time features are computed in float32, so a step far above its rounding
+    with torch.no_grad():
+        fd = (f(x0 + eps * dz, r + eps) - f(x0 - eps * dz, r - eps)) / (2 * eps)
+    torch.testing.assert_close(dudr, fd, rtol=1e-3, atol=1e-4)
+    assert float(dudr.abs().max()) > 1e-2  # a derivative worth comparing
+
+
+@pytest.mark.slow
+def test_two_processes_average_the_same_gradients_as_one(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(HERE / "ddp_meanflow_worker.py"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    model = two_time_dit()
+    one = meanflow_grads(model, model, *batch())
+    ddp = load_file(str(tmp_path / "ddp.safetensors"))
+    assert set(ddp) == set(one)
+    for k in one:
+        torch.testing.assert_close(ddp[k], one[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_the_training_loss_learns_with_guidance_and_the_curriculum():
+    flow = FlowConfig(objective="meanflow", gap_warmup_steps=10, time_sampler="uniform")
+    model = two_time_dit()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(32, 4, 8, 8, generator=g) * 0.5 + 0.3
+    labels = torch.randint(0, 10, (32,), generator=g)
+    errors = []
+    for step in range(30):
+        loss, r, error = training_loss(model, x1, labels, flow, 0.1, 10, g, cfg_scale=1.5, step=step)
+        assert bool((r >= 0).all()) and loss.shape == error.shape == (32,)
+        loss.mean().backward()
+        opt.step()
+        opt.zero_grad()
+        errors.append(float(error.detach().mean()))
+    assert all(torch.isfinite(torch.tensor(errors))) and min(errors[-5:]) < errors[0]
