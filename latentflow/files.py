@@ -33,6 +33,7 @@ __all__ = [
     "atomic_dir",
     "atomic_file",
     "check_output",
+    "file_digest",
     "file_sha256",
     "remove_stale_temps",
     "temp_name",
@@ -286,15 +287,20 @@ def atomic_file(
         raise
 
 
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, read in 1 MiB pieces."""
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes (``hashlib``'s ``algorithm``), read in 1 MiB pieces."""
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes."""
+    return file_digest(path, "sha256")
 
 
 def write_text_atomic(path: Path, text: str, what: str = "file", fix: str = FIX) -> None:

@@ -73,6 +73,26 @@ def run_main(*args, cwd=None, check=True, env=None, timeout=300):
     return proc
 
 
+def torchrun(worker: Path, *args, processes: int = 2, timeout: int = 300) -> None:
+    """Run ``worker ARGS`` under ``torchrun --nproc_per_node PROCESSES`` (gloo on this CPU);
+    a failure shows both ranks' output."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            str(worker),
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 LAUNCH = [
     sys.executable,
     "-m",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import http.client
 import shutil
 import struct
@@ -17,7 +16,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DataError
-from ..files import atomic_file
+from ..files import atomic_file, file_digest
 
 __all__ = [
     "BUNDLED_TEST_PER_CLASS",
@@ -111,14 +110,6 @@ def _find(root: Path, base: str) -> Optional[Path]:
     return None
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _FetchFailed(Exception):
     """One mirror failed (network or checksum); the next is tried."""
 
@@ -151,7 +142,7 @@ def download_mnist(
                             shutil.copyfileobj(resp, out)
                     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
                         raise _FetchFailed(f"{url}: {getattr(exc, 'reason', exc)}") from None
-                    got = _md5(tmp)
+                    got = file_digest(tmp, "md5")
                     if got != md5[name]:
                         raise _FetchFailed(f"{url}: checksum {got} != expected {md5[name]}")
                 break

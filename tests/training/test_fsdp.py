@@ -3,32 +3,18 @@
 an FSDP launch into DDP without a GPU; the full FSDP launch is a GPU check.)"""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import torchrun
 
 HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.slow
 def test_sharded_checkpoint_save_and_load_under_torchrun(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            str(HERE / "fsdp_checkpoint_worker.py"),
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    torchrun(HERE / "fsdp_checkpoint_worker.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for found in ranks:
         assert found["sharded"] and found["local_rows"] == 32  # half of the 64 rows on each rank

@@ -2,8 +2,6 @@
 UNet (attention included, on the kernel that supports it), gradients that DDP synchronises
 across processes, and a few optimizer steps of the training loss that learn."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from latentflow.config import FlowConfig
 from latentflow.flow import meanflow_loss, time_derivative
 from latentflow.models import create_model
 from latentflow.training.objective import forward_mode_attention, training_loss
+from tests.conftest import torchrun
 
 HERE = Path(__file__).resolve().parent
 
@@ -63,21 +62,7 @@ def test_the_derivative_through_each_backbone_matches_finite_differences(name):
 
 @pytest.mark.slow
 def test_two_processes_average_the_same_gradients_as_one(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            str(HERE / "ddp_meanflow_worker.py"),
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    torchrun(HERE / "ddp_meanflow_worker.py", tmp_path)
     model = two_time_dit()
     one = meanflow_grads(model, model, *batch())
     ddp = load_file(str(tmp_path / "ddp.safetensors"))
