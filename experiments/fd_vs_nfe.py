@@ -5,6 +5,8 @@ distance from the ODE's converged solution, against the number of velocity evalu
 labels throughout.
 
     python experiments/fd_vs_nfe.py --checkpoint runs/NAME --num-samples 10000
+    python experiments/fd_vs_nfe.py --checkpoint runs/NAME --grid "euler=1,2,4,8,16 heun=4,8"
+
 
 (default output: runs/fd_vs_nfe-<timestamp>/fd_vs_nfe.png; an existing --out needs
 --overwrite). Writes the figure, a JSON of every point, and a Markdown table (printed and
@@ -56,7 +58,7 @@ class Sweep:
             )[0]
         return self.converged[key]
 
-    def point(self, kind, solver, setting, scale, interval):
+    def point(self, kind, solver, setting, scale, interval, with_error=True):
         kw = dict(atol=setting, rtol=setting) if solver == "dopri5" else dict(steps=setting)
         start = time.perf_counter()
         res = self.pipe.draw(
@@ -71,7 +73,7 @@ class Sweep:
         seconds = time.perf_counter() - start
         m = evaluate_images(res.images, res.labels, self.net, self.references)
         r, pr = next(iter(m["references"].values())), m["precision_recall"]
-        error = solver_error(res.latents, self.reference_latents(scale, interval))
+        error = solver_error(res.latents, self.reference_latents(scale, interval)) if with_error else None
         row = {
             "sweep": kind,
             "solver": solver,
@@ -88,22 +90,46 @@ class Sweep:
             "precision": pr["precision"],
             "recall": pr["recall"],
             "accuracy": m["accuracy"],
-            "latent_rms_error": error["rms"],
+            "latent_rms_error": error["rms"] if error else None,
             "seconds": round(seconds, 1),
         }
         self.rows.append(row)
+        if self.args.out is not None:  # kept as it goes: a long sweep that stops loses nothing
+            self.args.out.parent.mkdir(parents=True, exist_ok=True)
+            self.args.out.with_suffix(".partial.json").write_text(json.dumps(self.rows, indent=2))
         print(
             f"{kind:8s} {solver:8s} {setting:<7g} NFE {res.nfe:3d} cfg {scale:<4g} int {str(row['interval']):12s} "
             f"FD {row['fd']:.3f} ± {row['fd_std']:.3f}  x{row['ratio']:.2f}  P {row['precision']:.3f} "
-            f"R {row['recall']:.3f}  acc {row['accuracy']:.2%}  err {error['rms']:.4f}  {seconds:.0f} s",
+            f"R {row['recall']:.3f}  acc {row['accuracy']:.2%}  err {_maybe(row['latent_rms_error'])}  {seconds:.0f} s",
             flush=True,
         )
+
+
+def _maybe(value) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def parse_grid(text: str):
+    """``"euler=4,8 dopri5=1e-3"`` -> {"euler": [4, 8], "dopri5": [0.001]}: solver steps, or
+    dopri5's tolerances."""
+    grid = {}
+    for item in text.split():
+        name, _, values = item.partition("=")
+        if name not in SOLVER_GRID or not values:
+            sys.exit(f"error: --grid item {item!r} is not SOLVER=V1,V2 with a solver of {', '.join(SOLVER_GRID)}")
+        try:
+            grid[name] = [float(v) if name == "dopri5" else int(v) for v in values.split(",")]
+        except ValueError:
+            sys.exit(f"error: --grid item {item!r} has a value that is not a number")
+    return grid
 
 
 def draw(rows, path: Path, title: str, solver: str, steps: int) -> None:
     fig, axes = new_figure(1, 4, figsize=(18, 3.8), dpi=110)
     for s_name in SOLVER_GRID:
         pts = [r for r in rows if r["sweep"] == "solver" and r["solver"] == s_name]
+        if not pts:
+            continue
         nfe = [r["nfe"] for r in pts]
         axes[0].errorbar(
             nfe, [r["fd"] for r in pts], yerr=[r["fd_std"] for r in pts], marker="o", ms=3, capsize=2, label=s_name
@@ -118,6 +144,8 @@ def draw(rows, path: Path, title: str, solver: str, steps: int) -> None:
             (r for r in rows if r["sweep"] == "guidance" and (r["interval"] == want or r["cfg_scale"] == 1.0)),
             key=lambda r: r["cfg_scale"],
         )
+        if len(pts) < 2:
+            continue
         axes[3].errorbar(
             [r["cfg_scale"] for r in pts],
             [r["fd"] for r in pts],
@@ -155,7 +183,7 @@ def table(rows) -> str:
         f"| {r['sweep']} | {r['solver']} | {r['setting']:g} | {r['nfe']} | {r['cfg_scale']:g} | "
         f"{'all' if not r['interval'] else '–'.join(f'{v:g}' for v in r['interval'])} | "
         f"{r['fd']:.3f} ± {r['fd_std']:.3f} | {r['ratio']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-        f"{r['accuracy']:.2%} | {r['latent_rms_error']:.4f} | {r['seconds']} |"
+        f"{r['accuracy']:.2%} | {_maybe(r['latent_rms_error'])} | {r['seconds']} |"
         for r in rows
     ]
     return "\n".join(head + lines)
@@ -170,12 +198,35 @@ def main() -> None:
     p.add_argument("--solver", default=None, help="solver of the guidance sweep (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="steps of the guidance sweep (default: the model's)")
     p.add_argument("--only", choices=("solver", "guidance"), default=None, help="run one of the two sweeps")
+    p.add_argument(
+        "--grid",
+        default=None,
+        help='the solver sweep\'s points, e.g. "euler=1,2,4 heun=4,8 dopri5=1e-3" (default: each solver at 4)',
+    )
+    p.add_argument("--scales", default=None, help="guidance scales of the guidance sweep, e.g. 1,1.5,2 (default 1–3)")
+    p.add_argument(
+        "--intervals",
+        choices=("all", "none"),
+        default="all",
+        help="guidance intervals besides the whole path: all four (default) or none",
+    )
+    p.add_argument(
+        "--guidance-error",
+        action="store_true",
+        help="also the latent error in the guidance sweep (a converged solution per scale and interval)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     p.add_argument(
         "--out", type=Path, default=None, help="figure path (default: runs/fd_vs_nfe-<timestamp>/fd_vs_nfe.png)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its .json/.md")
     args = p.parse_args()
+    grid = parse_grid(args.grid) if args.grid else SOLVER_GRID
+    try:
+        scales = [float(v) for v in args.scales.split(",")] if args.scales else GUIDANCE_GRID
+    except ValueError:
+        sys.exit(f"error: --scales {args.scales!r} is not a comma-separated list of numbers")
+    intervals = INTERVALS if args.intervals == "all" else [None]
     if args.out is None:
         from latentflow.runs import new_run_dir
 
@@ -188,13 +239,13 @@ def main() -> None:
     solver, steps = args.solver or c.solver, args.steps or c.num_inference_steps
     interval = c.guidance_interval
     if args.only != "guidance":
-        for s_name, settings in SOLVER_GRID.items():
+        for s_name, settings in grid.items():
             for setting in settings:
                 sweep.point("solver", s_name, setting, scale, interval)
     if args.only != "solver":
-        for g in GUIDANCE_GRID:
-            for interval in INTERVALS if g != 1.0 else [None]:
-                sweep.point("guidance", solver, steps, g, interval)
+        for g in scales:
+            for interval in intervals if g != 1.0 else [None]:
+                sweep.point("guidance", solver, steps, g, interval, with_error=args.guidance_error)
     rows = sweep.rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     title = (
@@ -202,6 +253,7 @@ def main() -> None:
         f"dashed: the model's training data at {rows[0]['floor_n']} images"
     )
     draw(rows, args.out, title, solver, steps)
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     text = table(rows)
     print(text)
     args.out.with_suffix(".md").write_text(text + "\n")

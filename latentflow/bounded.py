@@ -12,8 +12,9 @@ megabytes of memory, whatever they hold.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .errors import LatentflowError
 
@@ -45,24 +46,32 @@ def _text(source, what: str, max_bytes: int) -> str:
     return data.decode("utf-8")
 
 
-def json_depth(text: str, quotes: str = '"') -> int:
-    """The deepest nesting of brackets in ``text``, outside strings (one linear scan); YAML's
-    flow style nests the same way, with ``quotes`` = ``"'``."""
+_STRUCTURE = re.compile(r"[\[\]{}\"'\\]")  # the only characters that open, close or quote
+
+
+def json_depth(text: str, quotes: str = '"', limit: Optional[int] = None) -> int:
+    """The deepest nesting of brackets in ``text``, outside strings (one linear scan over the
+    brackets and quotes alone); YAML's flow style nests the same way, with ``quotes`` = ``"'``.
+    With ``limit``, the scan ends as soon as the nesting passes it (a bomb costs nothing)."""
     depth = deepest = 0
-    in_string, escaped = "", False
-    for ch in text:
+    in_string, escaped_at = "", -1
+    for m in _STRUCTURE.finditer(text):
+        i, ch = m.start(), m.group()
+        if i == escaped_at:
+            continue
         if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\" and in_string == '"':
-                escaped = True
+            if ch == "\\" and in_string == '"':
+                escaped_at = i + 1
             elif ch == in_string:
                 in_string = ""
         elif ch in quotes:
             in_string = ch
         elif ch in "[{":
             depth += 1
-            deepest = max(deepest, depth)
+            if depth > deepest:
+                deepest = depth
+                if limit is not None and deepest > limit:
+                    return deepest
         elif ch in "]}":
             depth -= 1
     return deepest
@@ -87,12 +96,11 @@ def read_json(source, what: str = "JSON file", max_bytes: int = MAX_BYTES, max_d
     """Parse a JSON file (a path) or text within the bounds; ``ValueError`` for bad JSON as
     ``json.loads`` raises it, ``BoundsError`` past the bounds."""
     text = _text(source, what, max_bytes)
-    depth = json_depth(text)
-    if depth > max_depth:
+    if json_depth(text, limit=max_depth) > max_depth:
         where = source if not isinstance(source, str) else "text"
         raise BoundsError(
-            f"{what} {where} is nested {depth} levels deep, more than the {max_depth} a latentflow file "
-            "has; it is not one (or it is damaged)"
+            f"{what} {where} is nested more than the {max_depth} levels a latentflow file has; it is not one "
+            "(or it is damaged)"
         )
     return json.loads(text)
 
@@ -137,7 +145,8 @@ def read_yaml(
 
     text = _text(source, what, max_bytes)
     where = f" {source}" if not isinstance(source, str) else ""
-    if max(json_depth(text, "\"'"), _indent_depth(text)) > max_depth:  # before PyYAML's scanner walks it
+    depth = max(json_depth(text, "\"'", limit=max_depth), _indent_depth(text))  # before PyYAML's scanner
+    if depth > max_depth:
         raise BoundsError(
             f"{what}{where}: it is nested more than {max_depth} levels deep; a latentflow file is a few "
             "plain levels deep"
@@ -146,3 +155,7 @@ def read_yaml(
         return yaml.load(text, Loader=_bounded_loader(max_depth, max_aliases))
     except BoundsError as exc:
         raise BoundsError(f"{what}{where}: {exc}; a latentflow file is a few plain levels deep") from None
+    except ValueError as exc:  # a number past Python's int-string limit (4300 digits)
+        if "integer string conversion" not in str(exc):
+            raise
+        raise BoundsError(f"{what}{where}: it holds a number of thousands of digits; no setting needs one") from None

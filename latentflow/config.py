@@ -179,6 +179,11 @@ class FlowConfig:
     loss_power: float = 1.0
     """meanflow: the loss weighs each sample's squared error by 1 / (error + 1e-3)^power
     (adaptive weighting; 0: plain mean squared error)."""
+    jump_share: float = 0.0
+    """meanflow: share of the pairs with r < t placed on the intervals a sampler of N jumps
+    visits, (k/N, (k+1)/N) for N in jump_steps; 0: none (every pair from time_sampler)."""
+    jump_steps: List[int] = field(default_factory=lambda: [1, 2])
+    """meanflow: the jump counts N whose intervals jump_share trains on."""
 
     def validate(self) -> None:
         if not 0.0 <= self.sigma_min < 1.0:
@@ -196,6 +201,13 @@ class FlowConfig:
             )
         _at_most("flow.gap_warmup_steps", self.gap_warmup_steps, 2**31, "steps")
         _at_most("flow.loss_power", self.loss_power, 4, "as an exponent")
+        _unit_interval("flow.jump_share", self.jump_share)
+        if not self.jump_steps or not all(type(n) is int and 1 <= n <= 1024 for n in self.jump_steps):
+            raise ConfigError(f"flow.jump_steps must be a list of whole numbers in [1, 1024], got {self.jump_steps}")
+
+
+MAX_SOLVER_STEPS = 10000  # more never changes a sample; the bound keeps a typo from running for days
+MIN_TOLERANCE = 1e-10  # dopri5's atol and rtol: below it the step size underflows
 
 
 @dataclass
@@ -227,7 +239,7 @@ class SamplerConfig:
         if self.cfg_scale < 0:
             raise ConfigError(f"sampler.cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
         _positive("sampler.grid_per_class", self.grid_per_class)
-        _at_most("sampler.steps", self.steps, 10000, "solver steps; a converged solution needs far fewer")
+        _at_most("sampler.steps", self.steps, MAX_SOLVER_STEPS, "solver steps; a converged solution needs far fewer")
         _at_most("sampler.grid_per_class", self.grid_per_class, 64, "images per row of the epoch grid")
         if self.guidance_interval is not None:
             lo_hi = self.guidance_interval

@@ -38,7 +38,7 @@ Everything here is pure tensor math: no modules, devices or files.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -153,17 +153,30 @@ def sample_two_times(
     equal_share: float,
     max_gap: float = 1.0,
     *,
+    jump_share: float = 0.0,
+    jump_steps: Sequence[int] = (1, 2),
     device=None,
     generator: Optional[torch.Generator] = None,
     **time_kwargs,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pairs ``r <= t`` (each (B,)): two times from ``sample_time(**time_kwargs)``, ordered;
     each pair has ``r = t`` (plain flow matching) with probability ``equal_share``, and no
-    gap exceeds ``max_gap`` (a curriculum widens it from 0 to 1)."""
+    gap exceeds ``max_gap`` (a curriculum widens it from 0 to 1).
+
+    With ``jump_share`` > 0, that share of the pairs with ``r < t`` is moved onto the
+    intervals a sampler of N jumps visits, ``(k/N, (k+1)/N)`` with N drawn from
+    ``jump_steps`` and k from 0..N-1: the corner (0, 1) that one jump asks for is otherwise
+    almost never drawn."""
     a = sample_time(batch, device=device, generator=generator, **time_kwargs)
     b = sample_time(batch, device=device, generator=generator, **time_kwargs)
     r, t = torch.minimum(a, b), torch.maximum(a, b)
     equal = torch.rand(batch, device=device, generator=generator) < equal_share
+    if jump_share > 0:  # drawn only when asked for, so earlier runs keep their random streams
+        jump = ~equal & (torch.rand(batch, device=device, generator=generator) < jump_share)
+        n = torch.tensor(list(jump_steps), device=device, dtype=r.dtype)
+        n = n[torch.randint(len(n), (batch,), device=device, generator=generator)]  # (B,) jumps
+        k = torch.floor(torch.rand(batch, device=device, generator=generator) * n)  # (B,) which one
+        r, t = torch.where(jump, k / n, r), torch.where(jump, (k + 1) / n, t)
     t = torch.where(equal, r, torch.minimum(t, r + max_gap))
     return r, t
 

@@ -52,6 +52,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 
+from .bounded import BoundsError, read_json
 from .console import Console
 from .data import bad_file_error, bad_file_policy
 from .distributed import on_main
@@ -98,7 +99,7 @@ class Shard:
             (header_len,) = struct.unpack("<Q", f.read(8))
             if header_len > 1 << 24:
                 raise ValueError("implausible safetensors header")
-            header = json.loads(f.read(header_len))
+            header = read_json(f.read(header_len).decode("utf-8"), "latent cache shard header", max_bytes=1 << 24)
         base = 8 + header_len
         info = header["moments"]
         np_dtype = {v[2]: v[1] for v in CACHE_DTYPES.values()}[info["dtype"]]
@@ -335,10 +336,12 @@ def _why_unusable(
     if not _marker(root, i).exists():
         return ""
     try:
-        marker = json.loads(_marker(root, i).read_text())
+        marker = read_json(_marker(root, i), "latent cache shard marker")
         shard = Shard(_shard_file(root, i))
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+    except (OSError, ValueError, KeyError, TypeError, struct.error, BoundsError) as exc:
         return f"it cannot be read ({type(exc).__name__}: {str(exc)[:80]})"
+    if not isinstance(marker, dict):
+        return "its marker is not a latentflow shard marker"
     if len(shard) != marker.get("rows"):
         return f"it holds {len(shard)} rows, its marker says {marker.get('rows')}"
     if row_shape and tuple(shard.shape[1:]) != tuple(row_shape):
@@ -413,10 +416,11 @@ def _check_manifest(root: Path, cache_dir: Path, metadata: Dict[str, str], plan,
     manifest = root / "manifest.json"
     stored = None
     if manifest.exists():
-        try:
-            stored = json.loads(manifest.read_text()).get("metadata")
-        except (OSError, ValueError):
+        try:  # bounded: a damaged or hostile manifest is a mismatch, never a crash
+            stored = read_json(manifest, "latent cache manifest")
+        except (OSError, ValueError, BoundsError):
             stored = None
+        stored = stored.get("metadata") if isinstance(stored, dict) else None
     remove_stale_temps(root)  # shards of encoders that crashed (their pid is gone)
     if stored == metadata:
         return
@@ -530,7 +534,7 @@ def load_or_build_cache(
     accelerator.wait_for_everyone()
     try:
         shards = [Shard(_shard_file(root, i)) for i in range(len(plan))]
-    except (OSError, ValueError, KeyError, struct.error) as exc:
+    except (OSError, ValueError, KeyError, TypeError, struct.error, BoundsError) as exc:
         raise DataError(
             f"latent cache {root} is unusable right after it was written ({exc}); pass another --cache-dir"
         ) from None

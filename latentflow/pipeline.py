@@ -386,7 +386,37 @@ def _read_json(path: Path, fix: str = "the export is damaged") -> dict:
     return value
 
 
+def _foreign_class(index) -> Optional[str]:
+    """What in an export's ``model_index.json`` names a class outside latentflow and diffusers
+    (a module that plain diffusers with ``trust_remote_code`` would import), or None."""
+    ours = (CUSTOM_MODULE, "diffusers", "latentflow")
+    for key, value in index.items() if isinstance(index, dict) else ():
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+            library = value[0]
+            if library.split(".")[0] not in ours:
+                return f"names {library}.{value[1]} for {key}"
+    return None
+
+
+def _weights_mismatch(expected: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor]) -> Optional[str]:
+    """Why ``weights`` cannot be a model whose state has the shapes of ``expected``, or None:
+    a tensor missing or unknown, of another shape, or not floating point (load_state_dict
+    would cast integers into the weights without a word)."""
+    for key, want in expected.items():
+        got = weights.get(key)
+        if got is None:
+            return f"the weights lack {key}"
+        if tuple(got.shape) != tuple(want.shape):
+            return f"{key} has shape {tuple(got.shape)}, the model {tuple(want.shape)}"
+        if want.is_floating_point() and not got.is_floating_point():
+            return f"{key} holds {str(got.dtype).replace('torch.', '')} values, not floating-point weights"
+    unknown = sorted(set(weights) - set(expected))
+    return f"the weights hold an unknown tensor {unknown[0]}" if unknown else None
+
+
 def _check_finite(model, where: Path) -> None:
+    if not all(p.is_floating_point() for p in model.parameters()):
+        raise CheckpointError(f"{where} holds weights that are not floating point; it is damaged, use another")
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise CheckpointError(
             f"{where} holds non-finite weights (its training diverged); use an earlier checkpoint of the run"
@@ -414,13 +444,18 @@ def _from_checkpoint(src: Source) -> tuple:
     ckpt = load_checkpoint(src.path, parts=("ema",))
     state = ckpt["state"]
     cfg = _run_config(src.run_dir, src.path)
+    damaged = "the checkpoint is damaged, use an earlier one"
     try:
+        with torch.device("meta"):  # shapes only: a state.json that claims a huge model allocates nothing
+            expected = model_from_config(state["model"]["class"], state["model"]["config"]).state_dict()
+        why = _weights_mismatch(expected, ckpt["ema"])
+        if why:
+            raise CheckpointError(f"{src.path}: its weights do not fit its recorded model ({why}); {damaged}")
         model = model_from_config(state["model"]["class"], state["model"]["config"])
         model.load_state_dict(ckpt["ema"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise CheckpointError(
-            f"{src.path}: its weights do not fit its recorded model ({explain_load_error(exc)}); "
-            "the checkpoint is damaged, use an earlier one"
+            f"{src.path}: its weights do not fit its recorded model ({explain_load_error(exc)}); {damaged}"
         ) from None
     _check_finite(model, src.path)
     vae = _load_vae(cfg, state["vae"].get("identity"), src.path)
@@ -472,7 +507,11 @@ def _from_export(src: Source) -> tuple:
     damaged = _damaged_file(src.path, info)  # before any of it is loaded
     if damaged:
         raise CheckpointError(f"{src.path}: {damaged}; the export is damaged: {fix}")
-    _read_json(src.path / "model_index.json", fix)
+    foreign = _foreign_class(_read_json(src.path / "model_index.json", fix))
+    if foreign:
+        raise CheckpointError(
+            f"{src.path}: model_index.json {foreign}; an export names only latentflow's and diffusers' classes: {fix}"
+        )
     for part in ("transformer", "vae"):  # diffusers parses these itself: bounded first
         if (src.path / part / "config.json").is_file():
             _read_json(src.path / part / "config.json", fix)

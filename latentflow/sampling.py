@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import SamplerConfig
+from .config import MAX_SOLVER_STEPS, MIN_TOLERANCE, SamplerConfig
 from .data import to_uint8
 from .errors import LatentflowError, Stopped
 from .solvers import SOLVERS, integrate
@@ -77,7 +77,8 @@ class SamplerSettings:
             raise TypeError(f"unknown sampler settings {sorted(unknown)}")
         chosen = {k: v for k, v in asked.items() if v is not None}
         if "guidance_interval" in chosen:
-            chosen["guidance_interval"] = list(chosen["guidance_interval"]) or None
+            interval = chosen["guidance_interval"]
+            chosen["guidance_interval"] = (list(interval) or None) if isinstance(interval, (list, tuple)) else interval
         settings = replace(defaults, **chosen)
         names = {**PIPELINE_NAMES, **(names or {})}
         settings.check(names)
@@ -112,16 +113,19 @@ class SamplerSettings:
             )
         if self.objective == "meanflow" and self.guidance_interval is not None:
             raise bad("guidance_interval", "a meanflow model has its guidance built in; leave it unset")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise bad("steps", "must be an integer >= 1")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_SOLVER_STEPS:
+            raise bad("steps", f"must be an integer in [1, {MAX_SOLVER_STEPS}]")
         if not _number(self.cfg_scale) or self.cfg_scale < 0:
             raise bad("cfg_scale", "must be a finite number >= 0 (1 = no guidance)")
         for key in ("atol", "rtol"):
-            if not _number(getattr(self, key)) or getattr(self, key) <= 0:
-                raise bad(key, "must be a finite number > 0")
+            if not _number(getattr(self, key)) or getattr(self, key) < MIN_TOLERANCE:
+                raise bad(key, f"must be a finite number >= {MIN_TOLERANCE:g}")
         interval = self.guidance_interval
         if interval is not None and not (
-            len(interval) == 2 and all(_number(v) for v in interval) and 0.0 <= interval[0] < interval[1] <= 1.0
+            isinstance(interval, (list, tuple))
+            and len(interval) == 2
+            and all(_number(v) for v in interval)
+            and 0.0 <= interval[0] < interval[1] <= 1.0
         ):
             raise bad("guidance_interval", "must be [t_lo, t_hi] with 0 <= t_lo < t_hi <= 1")
 

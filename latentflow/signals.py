@@ -100,7 +100,15 @@ class RunLock:
         self.previous = ""
 
     def acquire(self) -> RunLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: the lock is truncated and written, and must be this run's own file
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if not self.path.is_symlink():
+                raise
+            raise CheckpointError(
+                f"{self.path} is a link to {os.readlink(self.path)}, not this run's lock file; remove the link "
+                f"({exc.strerror}) and start again"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

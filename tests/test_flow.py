@@ -212,3 +212,22 @@ def test_two_times_are_ordered_equal_in_their_share_and_within_the_gap():
     r, t = sample_two_times(20000, 0.75, 0.3, generator=g, scheme="uniform")
     assert bool((r <= t).all()) and float((t - r).max()) <= 0.3 + 1e-7
     assert abs(float((r == t).double().mean()) - 0.75) < 0.02
+
+
+def test_a_jump_share_trains_on_the_intervals_the_sampler_visits():
+    from latentflow.flow import sample_two_times
+
+    plain = sample_two_times(4000, 0.5, generator=torch.Generator().manual_seed(1), scheme="logit_normal")
+    same = sample_two_times(
+        4000, 0.5, jump_share=0.0, generator=torch.Generator().manual_seed(1), scheme="logit_normal"
+    )
+    assert all(torch.equal(a, b) for a, b in zip(plain, same))  # off: the random stream of earlier runs
+    r, t = sample_two_times(
+        4000, 0.5, jump_share=1.0, jump_steps=[1, 2], generator=torch.Generator().manual_seed(1), scheme="logit_normal"
+    )
+    pairs = {(a, b) for a, b in zip(r.tolist(), t.tolist()) if a != b}
+    assert pairs == {(0.0, 1.0), (0.0, 0.5), (0.5, 1.0)}  # one jump's interval and two jumps' two
+    assert abs(float((r == t).double().mean()) - 0.5) < 0.03  # the equal share is kept
+    # without it the corner one jump asks for is almost never drawn
+    r0, t0 = plain
+    assert float(((r0 < 0.05) & (t0 > 0.95)).double().mean()) < 0.005

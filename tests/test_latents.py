@@ -1,6 +1,7 @@
 import json
 import mmap
 import signal
+import struct
 import subprocess
 
 import pytest
@@ -77,8 +78,15 @@ def test_cache_is_reused_and_rebuilt_when_its_inputs_change(tmp_path, tiny_vae_d
             lambda root: (root / "shard_00001.done").write_text(json.dumps({"rows": 3, "bad": []})),
             "shard 1: it holds 16 rows, its marker says 3",
         ),
+        (  # a header of a megabyte of brackets: bounded, never a RecursionError
+            lambda root: (root / "shard_00001.safetensors").write_bytes(
+                struct.pack("<Q", 1 << 20) + b"[" * (1 << 19) + b"]" * (1 << 19)
+            ),
+            "shard 1: it cannot be read (BoundsError",
+        ),
+        (lambda root: (root / "shard_00001.done").write_text("[1]"), "shard 1: its marker is not a latentflow"),
     ],
-    ids=["truncated", "nan", "labels", "marker"],
+    ids=["truncated", "nan", "labels", "marker", "bracket-header", "list-marker"],
 )
 def test_a_damaged_shard_is_encoded_again(tmp_path, tiny_vae_dir, dataset, accelerator, capsys, damage, message):
     vae = FrozenVAE.from_pretrained(str(tiny_vae_dir))
@@ -105,11 +113,13 @@ def test_a_stale_manifest_is_rebuilt(tmp_path, tiny_vae_dir, dataset, accelerato
     _, root = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards(), console=TERMINAL)
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["metadata"]["image_shape"] = "[1, 64, 64]"
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    capsys.readouterr()
-    cache, _ = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards(), console=TERMINAL)
-    out = capsys.readouterr().out
-    assert "its manifest does not match; encoding it again" in out and "encoding 40 images" in out and len(cache) == 40
+    for text in (json.dumps(manifest), "[" * 100_000 + "]" * 100_000):  # stale, then hostile (100 000 deep)
+        (root / "manifest.json").write_text(text)
+        capsys.readouterr()
+        cache, _ = load_or_build_cache(vae, dataset, tmp_path, accelerator, vae_cfg=shards(), console=TERMINAL)
+        out = capsys.readouterr().out
+        assert "its manifest does not match; encoding it again" in out and "encoding 40 images" in out
+        assert len(cache) == 40
 
 
 def test_a_cache_dir_that_is_a_file_or_a_vae_that_encodes_nan(tmp_path, tiny_vae_dir, dataset, accelerator):

@@ -85,10 +85,14 @@ def test_settings_resolve_against_the_models_and_name_the_callers_flag():
     assert SamplerSettings.resolve(model, guidance_interval=[]).guidance_interval is None  # the whole path
     assert SamplerSettings.resolve(model, conditional=False).cfg_scale == 0.0  # no labels: unconditional
     assert s.tag == "euler-4-cfg1.5-int0.1-0.9"
-    with pytest.raises(LatentflowError, match="num_inference_steps 0: must be an integer >= 1"):
+    with pytest.raises(LatentflowError, match=r"num_inference_steps 0: must be an integer in \[1, 10000\]"):
         SamplerSettings.resolve(model, steps=0)
-    with pytest.raises(LatentflowError, match="--steps 0: must be an integer >= 1"):
+    with pytest.raises(LatentflowError, match=r"--steps 0: must be an integer in \[1, 10000\]"):
         SamplerSettings.resolve(model, steps=0, names={"steps": "--steps"})
+    with pytest.raises(LatentflowError, match=r"--steps 1000000000: must be an integer in \[1, 10000\]"):
+        SamplerSettings.resolve(model, steps=10**9, names={"steps": "--steps"})  # a draw that would never end
+    with pytest.raises(LatentflowError, match="atol 1e-300: must be a finite number >= 1e-10"):
+        SamplerSettings.resolve(model, solver="dopri5", atol=1e-300)
     with pytest.raises(LatentflowError, match="solver '../../x': not one of euler"):
         SamplerSettings.resolve(model, solver="../../x")
     with pytest.raises(LatentflowError, match=r"guidance_interval \[0.9, 0.1\]: must be \[t_lo, t_hi\]"):

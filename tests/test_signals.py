@@ -21,3 +21,14 @@ def test_a_run_has_one_writer(tmp_path):
     taken = RunLock(tmp_path).acquire()
     assert taken.previous.startswith("pid ") and str(os.getpid()) not in taken.previous
     taken.release()
+
+
+def test_a_lock_that_is_a_link_is_refused_and_its_target_left_alone(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's file\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").symlink_to(victim)
+    with pytest.raises(CheckpointError, match=r"\.lock is a link to .*victim.txt, not this run's lock file"):
+        RunLock(run).acquire()
+    assert victim.read_text() == "someone else's file\n"

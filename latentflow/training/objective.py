@@ -58,7 +58,8 @@ def training_loss(
 
 def _meanflow(model, x0, x1, labels, flow, class_dropout, null_label, generator, cfg_scale, step, times):
     max_gap = min(1.0, step / flow.gap_warmup_steps) if flow.gap_warmup_steps else 1.0
-    r, t = sample_two_times(x1.shape[0], flow.equal_times, max_gap, **times)  # (B,) each, r <= t
+    jumps = dict(jump_share=flow.jump_share, jump_steps=flow.jump_steps)
+    r, t = sample_two_times(x1.shape[0], flow.equal_times, max_gap, **jumps, **times)  # (B,) each, r <= t
     y = drop_labels(labels, class_dropout, null_label, generator)
     v = target_velocity(x0, x1, flow.sigma_min)  # (B, c, h, w) the conditional velocity at r
     guided = y != null_label  # (B,)

@@ -121,8 +121,8 @@ def test_weights_absurd_on_a_probe_batch_are_refused(run_copy, smoke_run):
     [
         ("guidance_interval", [0.9, 0.1], "guidance_interval [0.9, 0.1]: must be [t_lo, t_hi]"),
         ("solver", "../../x", "model_index.json's solver '../../x': not one of euler"),
-        ("num_inference_steps", -5, "num_inference_steps -5: must be an integer >= 1"),
-        ("num_inference_steps", "abc", "num_inference_steps 'abc': must be an integer >= 1"),
+        ("num_inference_steps", -5, "num_inference_steps -5: must be an integer in [1, 10000]"),
+        ("num_inference_steps", "abc", "num_inference_steps 'abc': must be an integer in [1, 10000]"),
         ("guidance_scale", "nan", "guidance_scale 'nan': must be a finite number"),
     ],
 )
@@ -148,7 +148,7 @@ def test_deep_json_in_an_export_is_one_line(smoke_run, tmp_path, name):
     if name != "latentflow.json":
         (export / "latentflow.json").unlink()
     proc = run_main("sample", "--checkpoint", export, "--out", tmp_path / "s.png", check=False)
-    one_line_error(proc, "nested 100000 levels deep")
+    one_line_error(proc, "nested more than the 32 levels")
 
 
 @pytest.mark.parametrize("content", ["a: " + "[" * 5000 + "]" * 5000, ALIAS_BOMB], ids=["deep", "alias bomb"])
@@ -326,3 +326,60 @@ def test_workers_killed_launcher_during_encode_stop_without_starting_a_run(tmp_p
     wait_for(lambda: not any(alive(w) for w in workers), timeout=45, what="the workers to stop")
     runs = list((tmp_path / "runs").glob("*")) if (tmp_path / "runs").exists() else []
     assert not any(checkpoints_of(r) for r in runs)  # no run was started after the launcher died
+
+
+def test_untrusted_exports_and_checkpoints_are_refused_before_anything_runs_or_is_allocated(smoke_run, tmp_path):
+    """A second probe's cases, in process (each is one line from ``load_pipeline``): a foreign
+    class in model_index.json, an interval that is a number, a billion steps; a checkpoint
+    whose weights are integers, and one whose state.json claims a model 64 times wider."""
+    from latentflow.errors import CheckpointError
+    from latentflow.files import file_digest
+    from latentflow.pipeline import load_pipeline
+
+    _, run_dir, _ = smoke_run
+
+    def export_with(**changes) -> Path:
+        export = tmp_path / f"export-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(run_dir / "export", export)
+        index = json.loads((export / "model_index.json").read_text())
+        (export / "model_index.json").write_text(json.dumps({**index, **changes}))
+        (export / "latentflow.json").unlink()  # its hashes would refuse any change first
+        return export
+
+    marker = tmp_path / "imported"
+    evil = export_with(transformer=["evil_probe", "DiT"])
+    (evil / "evil_probe.py").write_text(f"open({str(marker)!r}, 'w')\nclass DiT: pass\n")
+    cases = [
+        (evil, "model_index.json names evil_probe.DiT for transformer"),
+        (export_with(guidance_interval=5), "guidance_interval 5: must be [t_lo, t_hi]"),
+        (export_with(num_inference_steps=10**9), "num_inference_steps 1000000000: must be an integer in [1, 10000]"),
+    ]
+    for source, message in cases:
+        with pytest.raises(CheckpointError) as info:
+            load_pipeline(source)
+        assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert not marker.exists()  # the foreign module was never imported
+
+    def checkpoint_with(edit) -> Path:
+        ckpt = tmp_path / f"run-{len(list(tmp_path.iterdir()))}" / "checkpoints" / "step_00000008"
+        shutil.copytree(run_dir, ckpt.parents[1], ignore=shutil.ignore_patterns("samples", "eval", "export", "best"))
+        state = json.loads((ckpt / "state.json").read_text())
+        edit(ckpt, state)
+        state["files"] = {name: file_digest(ckpt / name) for name in state["files"]}  # hashes that match
+        (ckpt / "state.json").write_text(json.dumps(state))
+        return ckpt
+
+    def integers(ckpt, state):
+        weights = load_file(str(ckpt / "ema.safetensors"))
+        save_file(
+            {k: torch.randint(-100, 100, v.shape, dtype=torch.int8) for k, v in weights.items()},
+            str(ckpt / "ema.safetensors"),
+        )
+
+    def wider(ckpt, state):
+        state["model"]["config"].update(hidden_size=4096, num_heads=64)
+
+    for edit, message in [(integers, "holds int8 values, not floating-point weights"), (wider, "has shape")]:
+        with pytest.raises(CheckpointError) as info:
+            load_pipeline(checkpoint_with(edit))
+        assert message in str(info.value) and "the checkpoint is damaged" in str(info.value), str(info.value)
