@@ -220,6 +220,12 @@ def main() -> None:
         "--out", type=Path, default=None, help="figure path (default: runs/fd_vs_nfe-<timestamp>/fd_vs_nfe.png)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its .json/.md")
+    p.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        help="draw the figure and table from the points of an earlier sweep (its .json or .partial.json)",
+    )
     args = p.parse_args()
     grid = parse_grid(args.grid) if args.grid else SOLVER_GRID
     try:
@@ -233,6 +239,15 @@ def main() -> None:
         args.out = new_run_dir(Path("runs"), "fd_vs_nfe") / "fd_vs_nfe.png"
     elif args.out.exists() and not args.overwrite:
         sys.exit(f"error: {args.out} already exists; choose another --out or pass --overwrite")
+    if args.replot is not None:
+        stored = json.loads(args.replot.read_text())
+        rows = stored["points"] if isinstance(stored, dict) else stored
+        solver, steps = next(((r["solver"], r["setting"]) for r in rows if r["sweep"] == "guidance"), ("euler", 8))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        draw(rows, args.out, f"{args.replot.name}: {len(rows)} points", solver, steps)
+        args.out.with_suffix(".md").write_text(table(rows) + "\n")
+        print(table(rows))
+        return
     sweep = Sweep(args)
     c = sweep.pipe.config
     scale = c.guidance_scale if args.cfg_scale is None else args.cfg_scale

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .errors import LatentflowError, PeerLost
+from .errors import LatentflowError, PeerLost, printable
 
 # Choices the flags offer, spelled here so that parsing imports no torch (a test keeps them equal)
 SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5", "meanflow")  # solvers.SOLVERS
@@ -436,7 +436,7 @@ class _Parser(argparse.ArgumentParser):
         hint = ""
         if message.startswith("unrecognized arguments"):  # often a config key given as a flag
             hint = "; experiment settings go through --set, e.g. --set train.epochs=5"
-        self.exit(2, f"error: {self.prog}: {message}{hint}; see `{self.prog} --help`\n")
+        self.exit(2, f"error: {self.prog}: {printable(message)}{hint}; see `{self.prog} --help`\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -526,9 +526,9 @@ def _report_error(message: str) -> None:
     path = os.environ.get("LATENTFLOW_ERROR_FILE")
     if path:
         with open(path, "a") as f:
-            f.write(f"{os.environ.get('RANK', '0')}\t{message.replace(chr(10), ' ')}\n")
+            f.write(f"{os.environ.get('RANK', '0')}\t{printable(message)}\n")
         return
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {printable(message)}", file=sys.stderr)
 
 
 LAUNCH_HELP = """usage: python main.py launch [accelerate launch flags] -- [main.py arguments]
@@ -553,7 +553,7 @@ def _launch(rest: List[str]) -> int:
     try:
         return launch(*split_argv(rest), run_inline=main)
     except LatentflowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)
         return 2
 
 
@@ -590,7 +590,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.argv = argv[1:] if argv and argv[0] in ("train", "train-vae") else argv
     problem = _check_flags(args)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        print(f"error: {printable(problem)}", file=sys.stderr)
         return 2
     _quiet_libraries()
     return _run(args)

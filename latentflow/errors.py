@@ -35,3 +35,9 @@ class PeerLost(LatentflowError):
 class Stopped(Exception):
     """A long operation (sampling, encoding) gave up because a stop was requested (a signal,
     or the launcher gone); not a user error: the caller decides what to save and how to exit."""
+
+
+def printable(value) -> str:
+    """``value`` as text for one line of a terminal: newlines, NUL and other control
+    characters, and the undecodable bytes of a file name, shown as escapes."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(value))

@@ -200,7 +200,8 @@ def _is_write_failure(exc: BaseException) -> bool:
         return True
     text = str(exc)
     if type(exc).__name__ == "SafetensorError":
-        return "IoError" in text or "Os {" in text or "No space" in text
+        # the writer's I/O errors in their several spellings ("I/O error: File too large (os error 27)")
+        return any(s in text for s in ("IoError", "I/O error", "Os {", "os error", "No space"))
     return any(s in text for s in _TORCH_WRITE_FAILURES)
 
 

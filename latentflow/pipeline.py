@@ -36,7 +36,7 @@ from .bounded import BoundsError, read_json
 from .config import ExperimentConfig, config_from_file, save_config
 from .errors import CheckpointError, LatentflowError
 from .files import atomic_dir, file_sha256
-from .models import create_model, model_from_config
+from .models import MODEL_CLASSES, create_model, model_from_config
 from .runs import Source, load_checkpoint, resolve_source
 from .sampling import PIPELINE_NAMES, SampleResult, SamplerSettings, labels_for, sample_images
 from .vae import FrozenVAE, explain_load_error
@@ -343,8 +343,6 @@ def _read_pipeline_dir(cls, path: Path, dtype=None) -> LatentFlowPipeline:
 
     from diffusers import AutoencoderKL
 
-    from .models import MODEL_CLASSES
-
     index = _read_json(path / "model_index.json")
     kind = index.get("transformer")
     name = kind[1] if isinstance(kind, list) and len(kind) == 2 else None
@@ -398,6 +396,49 @@ def _foreign_class(index) -> Optional[str]:
     return None
 
 
+def _unbuildable(class_name: str, config: Dict, weights: Dict[str, torch.Tensor], weights_file: Path) -> Optional[str]:
+    """Why the model that ``class_name`` and ``config`` describe cannot hold ``weights`` (the
+    tensors of ``weights_file``, real or on the meta device), or None. Judged on the meta
+    device, so a config that claims a huge model allocates nothing: its tensors must match
+    the weights, and all it holds (buffers included) must be of the file's order of size."""
+    with torch.device("meta"):
+        model = model_from_config(class_name, {k: v for k, v in config.items() if not k.startswith("_")})
+    why = _weights_mismatch(model.state_dict(), weights)
+    if why:
+        return why
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    size = weights_file.stat().st_size
+    if held > 4 * size + (64 << 20):
+        return f"its config builds a model of {held / 2**30:.1f} GiB from {size / 2**20:.1f} MiB of weights"
+    return None
+
+
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _export_unbuildable(folder: Path) -> Optional[str]:
+    """``_unbuildable`` for an export's transformer, from its config.json and the header of
+    its weights (shapes and dtypes, nothing read); None where diffusers' own checks apply."""
+    from safetensors import safe_open
+
+    config_file, weights_file = folder / "config.json", folder / "diffusion_pytorch_model.safetensors"
+    if not (config_file.is_file() and weights_file.is_file()):
+        return None
+    config = _read_json(config_file)
+    if config.get("_class_name") not in MODEL_CLASSES:
+        return None
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            header = {k: f.get_slice(k) for k in f.keys()}
+            weights = {
+                k: torch.empty(v.get_shape(), dtype=_SAFETENSORS_FLOATS.get(v.get_dtype(), torch.int8), device="meta")
+                for k, v in header.items()
+            }
+        return _unbuildable(config["_class_name"], config, weights, weights_file)
+    except Exception as exc:  # a damaged header, a config the class refuses: say it in a few words
+        return explain_load_error(exc)
+
+
 def _weights_mismatch(expected: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor]) -> Optional[str]:
     """Why ``weights`` cannot be a model whose state has the shapes of ``expected``, or None:
     a tensor missing or unknown, of another shape, or not floating point (load_state_dict
@@ -446,9 +487,7 @@ def _from_checkpoint(src: Source) -> tuple:
     cfg = _run_config(src.run_dir, src.path)
     damaged = "the checkpoint is damaged, use an earlier one"
     try:
-        with torch.device("meta"):  # shapes only: a state.json that claims a huge model allocates nothing
-            expected = model_from_config(state["model"]["class"], state["model"]["config"]).state_dict()
-        why = _weights_mismatch(expected, ckpt["ema"])
+        why = _unbuildable(state["model"]["class"], state["model"]["config"], ckpt["ema"], src.path / "ema.safetensors")
         if why:
             raise CheckpointError(f"{src.path}: its weights do not fit its recorded model ({why}); {damaged}")
         model = model_from_config(state["model"]["class"], state["model"]["config"])
@@ -521,6 +560,11 @@ def _from_export(src: Source) -> tuple:
                 f"{src.path / part / pickles[0]} is a pickle, which latentflow never loads (it can run "
                 f"code); weights must be safetensors: {fix}"
             )
+    why = _export_unbuildable(src.path / "transformer")
+    if why:
+        raise CheckpointError(
+            f"{src.path}: its transformer does not fit its config ({why}); the export is damaged: {fix}"
+        )
     try:
         pipe = LatentFlowPipeline.from_pretrained(src.path)
     except LatentflowError as exc:

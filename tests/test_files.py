@@ -39,8 +39,9 @@ def test_replacing_a_directory_never_leaves_neither(tmp_path):
         OSError(errno.ENOSPC, "No space left on device"),
         SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"),
         RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0"),
+        SafetensorError("Error while serializing: I/O error: File too large (os error 27)"),  # ulimit -f
     ],
-    ids=["OSError", "SafetensorError", "torch.save RuntimeError"],
+    ids=["OSError", "SafetensorError", "torch.save RuntimeError", "file size limit"],
 )
 def test_a_failed_write_is_one_line_and_keeps_the_old_one(tmp_path, failure):
     final = tmp_path / "checkpoints" / "step_00000010"

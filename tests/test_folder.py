@@ -1,6 +1,7 @@
 """The image-folder source on generated folders: modes, sizes, extensions, hidden files,
 each kind of bad file with its one-line error, the skip policy, and mirrored latents."""
 
+import os
 import struct
 import zlib
 
@@ -268,6 +269,28 @@ def test_colour_data_is_never_made_grey_silently(tmp_path):
     assert "made grey" in check_channels(folder_cfg(root, convert_to_gray=True), 1, "embedded")
     assert check_channels(folder_cfg(root), 3, "my-vae") == ""  # colour in, colour out: nothing to say
     assert "repeated to 3 channels" in check_channels(DataConfig(), 3, "sd-vae")  # grey digits, colour VAE
+    with pytest.raises(DataError, match="VAE two takes 2-channel images.*a VAE of 1 or 3 input channels"):
+        check_channels(DataConfig(), 2, "two")
+
+
+def test_awkward_names_links_and_unknown_formats_are_walked_once_and_said(tmp_path):
+    """A link back up the tree, a name that is not UTF-8, a newline in a name, a format Pillow
+    does not know: the scan ends, the fingerprint is computed, each is said in one line."""
+    from latentflow.errors import printable
+
+    root = make_folder(tmp_path / "pets")
+    (root / "cats" / "loop").symlink_to(root / "cats")
+    (root / "cats" / "again").symlink_to(".")  # two links to the folder itself: 2^depth paths if followed
+    rgb(20, 20).save(os.fsdecode(bytes(root / "dogs") + b"/\xff\xfe.png"), format="PNG")
+    (root / "dogs" / "photo.heic").write_bytes(b"\0\0\0\x18ftypheic" + bytes(200))
+    ds = build_dataset(folder_cfg(root), channels=3)
+    assert len(ds) == 3 + 3 + 1 and len(ds.fingerprint()) == 16  # cats once (not via the links), dogs + the odd name
+    notes = ds.notes
+    assert any("2 file(s) skipped as not images by their extension (e.g. cats/labels.csv)" in n for n in notes)
+    assert any("laid on white (data.background)" in n for n in notes)
+    line = printable(f"{root}/bad\nname\0.png: it is an empty file")
+    assert "\n" not in line and "bad\\nname\\x00.png" in line
+    assert printable(os.fsdecode(b"\xff")) == "\\udcff"
 
 
 def test_reconstruct_counts_only_the_images_it_used(tmp_path, tiny_vae_dir):

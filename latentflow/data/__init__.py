@@ -224,6 +224,11 @@ def data_in_colour(cfg: DataConfig) -> bool:
 def check_channels(cfg: DataConfig, vae_channels: int, vae_name: str) -> str:
     """Refuse colour data for a 1-channel VAE (unless ``data.convert_to_gray``); return the
     line that says what happens to the images' channels, or "" when nothing changes."""
+    if vae_channels not in (1, 3):
+        raise DataError(
+            f"VAE {vae_name} takes {vae_channels}-channel images; latentflow feeds images as grey (1 channel) "
+            "or colour (3): pass a VAE of 1 or 3 input channels as vae.pretrained"
+        )
     colour = data_in_colour(cfg)
     if colour and vae_channels == 1:
         if not cfg.convert_to_gray:

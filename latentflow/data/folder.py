@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import DataError
+from ..errors import DataError, printable
 
 __all__ = ["FolderDataset", "load_image"]
 
@@ -112,6 +112,19 @@ class FolderDataset(Dataset):
 
     subset = None  # what data.max_items kept, in words
 
+    @property
+    def notes(self) -> List[str]:
+        """What the run should say about the folder: files passed over by their extension, and
+        what transparent pixels are laid on."""
+        lines = []
+        if self.ignored:
+            lines.append(
+                f"{self.root}: {len(self.ignored)} file(s) skipped as not images by their extension "
+                f"(e.g. {printable(self.ignored[0].relative_to(self.root))})"
+            )
+        lines.append(f"transparent pixels, where images have them, are laid on {self.background} (data.background)")
+        return lines
+
     def __init__(
         self,
         root: Path,
@@ -144,7 +157,13 @@ class FolderDataset(Dataset):
 
         def collect(folder: Path, label: int) -> int:
             found = 0
+            seen = set()  # folders by (device, inode): a link back up is walked once, never in a loop
             for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+                st = os.stat(dirpath)
+                if (st.st_dev, st.st_ino) in seen:
+                    dirnames[:] = []
+                    continue
+                seen.add((st.st_dev, st.st_ino))
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for name in sorted(filenames):
                     path = Path(dirpath) / name
@@ -225,5 +244,5 @@ class FolderDataset(Dataset):
                 stamp = f"{st.st_size}:{st.st_mtime_ns}"
             except OSError:
                 stamp = "missing"
-            h.update(f"{path.relative_to(self.root)}|{stamp}|{label}\n".encode())
+            h.update(os.fsencode(path.relative_to(self.root)) + f"|{stamp}|{label}\n".encode())
         return h.hexdigest()[:16]

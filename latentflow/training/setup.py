@@ -159,7 +159,8 @@ def _vae_and_data(cfg: ExperimentConfig, device, console: Optional[Console]):
     vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder).to(device)
     channels = check_channels(cfg.data, vae.in_channels, cfg.vae.pretrained)
     dataset = build_dataset(cfg.data, channels=vae.in_channels)
-    for line in (channels, dataset.subset and f"data.max_items: training on {dataset.subset}"):
+    notes = getattr(dataset, "notes", [])  # an image folder's: files skipped by extension, the background
+    for line in (channels, dataset.subset and f"data.max_items: training on {dataset.subset}", *notes):
         if line and console is not None:
             console.line(line)
     return vae, dataset

@@ -349,8 +349,12 @@ def test_untrusted_exports_and_checkpoints_are_refused_before_anything_runs_or_i
     marker = tmp_path / "imported"
     evil = export_with(transformer=["evil_probe", "DiT"])
     (evil / "evil_probe.py").write_text(f"open({str(marker)!r}, 'w')\nclass DiT: pass\n")
+    huge = export_with()
+    config = json.loads((huge / "transformer" / "config.json").read_text())
+    (huge / "transformer" / "config.json").write_text(json.dumps({**config, "sample_size": 10**6}))
     cases = [
         (evil, "model_index.json names evil_probe.DiT for transformer"),
+        (huge, "its transformer does not fit its config (its config builds a model of"),  # never allocated
         (export_with(guidance_interval=5), "guidance_interval 5: must be [t_lo, t_hi]"),
         (export_with(num_inference_steps=10**9), "num_inference_steps 1000000000: must be an integer in [1, 10000]"),
     ]
