@@ -244,7 +244,13 @@ def main() -> None:
         rows = stored["points"] if isinstance(stored, dict) else stored
         solver, steps = next(((r["solver"], r["setting"]) for r in rows if r["sweep"] == "guidance"), ("euler", 8))
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        draw(rows, args.out, f"{args.replot.name}: {len(rows)} points", solver, steps)
+        title = f"{args.replot.name}: {len(rows)} points"
+        if isinstance(stored, dict) and "reference" in stored:
+            title = (
+                f"{stored['num_samples']} samples, seed {stored['seed']}, against the {stored['reference']}; "
+                f"dashed: the model's training data at {rows[0]['floor_n']} images"
+            )
+        draw(rows, args.out, title, solver, steps)
         args.out.with_suffix(".md").write_text(table(rows) + "\n")
         print(table(rows))
         return

@@ -212,10 +212,10 @@ MIN_TOLERANCE = 1e-10  # dopri5's atol and rtol: below it the step size underflo
 
 @dataclass
 class SamplerConfig:
-    solver: str = "euler"
+    solver: str = "midpoint"
     """ODE solver: euler, midpoint, heun, rk4 (fixed steps) or dopri5 (adaptive); for a
     flow.objective=meanflow model, meanflow (steps jumps of its average velocity)."""
-    steps: int = 8
+    steps: int = 4
     """Steps of a fixed-step solver (NFE = steps x evaluations per step)."""
     atol: float = 1e-5
     """dopri5 absolute tolerance."""

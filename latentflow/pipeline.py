@@ -2,7 +2,7 @@
 
     from latentflow import LatentFlowPipeline
     pipe = LatentFlowPipeline.from_pretrained("runs/default-.../export")
-    out = pipe(class_labels=[3, 7], num_inference_steps=8, guidance_scale=1.5,
+    out = pipe(class_labels=[3, 7], num_inference_steps=4, guidance_scale=1.5,
                generator=torch.Generator().manual_seed(0))
     out.images  # PIL images
 
@@ -434,9 +434,11 @@ def _export_unbuildable(folder: Path) -> Optional[str]:
                 k: torch.empty(v.get_shape(), dtype=_SAFETENSORS_FLOATS.get(v.get_dtype(), torch.int8), device="meta")
                 for k, v in header.items()
             }
-        return _unbuildable(config["_class_name"], config, weights, weights_file)
+        why = _unbuildable(config["_class_name"], config, weights, weights_file)
     except Exception as exc:  # a damaged header, a config the class refuses: say it in a few words
-        return explain_load_error(exc)
+        why = explain_load_error(exc)
+    huge = [f"{k} {v}" for k, v in config.items() if type(v) is int and v > 1 << 16]
+    return f"{why}; config.json says {', '.join(huge)}" if why and huge else why
 
 
 def _weights_mismatch(expected: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor]) -> Optional[str]:

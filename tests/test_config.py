@@ -110,7 +110,7 @@ def test_built_in_experiments_are_found_by_name_from_anywhere(tmp_path, monkeypa
 def test_an_average_velocity_objective_goes_with_jumps_and_its_settings_are_checked():
     cfg = load_config("meanflow")
     assert (cfg.flow.objective, cfg.sampler.solver, cfg.sampler.steps) == ("meanflow", "meanflow", 1)
-    with pytest.raises(ConfigError, match="sampler.solver euler with flow.objective meanflow: a meanflow model"):
+    with pytest.raises(ConfigError, match="sampler.solver midpoint with flow.objective meanflow: a meanflow model"):
         load_config("default", ["flow.objective=meanflow"])
     with pytest.raises(ConfigError, match="sampler.solver meanflow with flow.objective cfm"):
         load_config("default", ["sampler.solver=meanflow"])

@@ -25,7 +25,7 @@ def pipe(tiny_vae_dir):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     cfg = ExperimentConfig()
-    cfg.sampler.steps, cfg.sampler.guidance_interval = 3, [0.1, 0.9]
+    cfg.sampler.solver, cfg.sampler.steps, cfg.sampler.guidance_interval = "euler", 3, [0.1, 0.9]
     return pipeline_from_parts(model.eval(), FrozenVAE.from_pretrained(str(tiny_vae_dir)), cfg)
 
 
