@@ -234,8 +234,9 @@ class SamplerConfig:
 
         _choice("sampler.solver", self.solver, SOLVERS)
         _positive("sampler.steps", self.steps)
-        _positive("sampler.atol", self.atol)
-        _positive("sampler.rtol", self.rtol)
+        for key, value in (("sampler.atol", self.atol), ("sampler.rtol", self.rtol)):
+            if not value >= MIN_TOLERANCE:  # refused before training, not at the first grid
+                raise ConfigError(f"{key} must be >= {MIN_TOLERANCE:g} (dopri5's step would underflow), got {value}")
         if self.cfg_scale < 0:
             raise ConfigError(f"sampler.cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
         _positive("sampler.grid_per_class", self.grid_per_class)

@@ -118,3 +118,10 @@ def test_an_average_velocity_objective_goes_with_jumps_and_its_settings_are_chec
         load_config("meanflow", ["flow.equal_times=1.5"])
     with pytest.raises(ConfigError, match="flow.objective"):
         load_config("default", ["flow.objective=shortcut"])
+
+
+def test_a_tolerance_the_sampler_would_refuse_is_refused_before_training():
+    with pytest.raises(
+        ConfigError, match=r"sampler.atol must be >= 1e-10 \(dopri5's step would underflow\), got 1e-300"
+    ):
+        load_config("smoke", ["sampler.atol=1e-300"])
