@@ -1,6 +1,7 @@
 """Shared fixtures: tiny VAEs saved with save_pretrained, an isolated latent cache, no Hub,
 and helpers that run ``main.py`` as a user does (in a subprocess)."""
 
+import gc
 import json
 import os
 import subprocess
@@ -71,6 +72,17 @@ def run_main(*args, cwd=None, check=True, env=None, timeout=300):
             f"main.py {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+def leave_process_group() -> None:
+    """End a torchrun worker's gloo group in step: every rank waits until all are past their last
+    collective, so no rank shuts its connections while a peer still uses them (an abort at exit
+    under a loaded machine otherwise), and garbage holding the group is collected first."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def torchrun(worker: Path, *args, processes: int = 2, timeout: int = 300) -> None:

@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.conftest import leave_process_group
 from tests.training.test_meanflow import batch, meanflow_grads, two_time_dit
 
 
@@ -23,7 +24,8 @@ def main(out: Path) -> None:
     grads = meanflow_grads(model, model.module, *half)
     if rank == 0:
         save_file(grads, str(out / "ddp.safetensors"))
-    dist.destroy_process_group()
+    del model
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from latentflow.training.checkpoints import (
     save_checkpoint,
 )
 from latentflow.training.optim import all_finite
+from tests.conftest import leave_process_group
 
 
 def build(seed):
@@ -123,7 +124,8 @@ def main(out: Path):
         found["plain_loads"] = all(torch.equal(a, ckpt["model"][n]) for n, a in plain.state_dict().items())
         found["no_prefixes"] = not any("_orig_mod" in k or "_fsdp" in k for k in ckpt["model"])
     (out / f"rank{rank}.json").write_text(json.dumps(found))
-    dist.destroy_process_group()
+    del model, model2, ema, ema2, opt, opt2
+    leave_process_group()
 
 
 if __name__ == "__main__":
