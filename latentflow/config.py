@@ -179,6 +179,11 @@ class FlowConfig:
     loss_power: float = 1.0
     """meanflow: the loss weighs each sample's squared error by 1 / (error + 1e-3)^power
     (adaptive weighting; 0: plain mean squared error)."""
+    tangent: str = "conditional"
+    """meanflow: the direction the point moves in the derivative of the target: 'conditional'
+    (the pair's own velocity, the original MeanFlow) or 'model' (the network's instantaneous
+    velocity, without gradient: improved MeanFlow's lower-variance target, one more forward
+    pass per step)."""
     jump_share: float = 0.0
     """meanflow: share of the pairs with r < t placed on the intervals a sampler of N jumps
     visits, (k/N, (k+1)/N) for N in jump_steps; 0: none (every pair from time_sampler)."""
@@ -193,6 +198,7 @@ class FlowConfig:
         _choice("flow.time_sampler", self.time_sampler, ("stratified", "uniform", "logit_normal"))
         _positive("flow.logit_std", self.logit_std)
         _choice("flow.objective", self.objective, ("cfm", "meanflow"))
+        _choice("flow.tangent", self.tangent, ("conditional", "model"))
         _unit_interval("flow.equal_times", self.equal_times)
         if self.gap_warmup_steps < 0 or self.loss_power < 0:
             raise ConfigError(

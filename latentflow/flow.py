@@ -29,8 +29,15 @@ trajectory (``dz_r/dr = v``, ``t`` fixed): ``-u + (t - r) du/dr = -v``, that is:
 
 The training target replaces ``v`` by the conditional velocity ``x1 - (1 - σ_min) x0`` (as
 CFM does) and takes ``d/dr u`` from the network itself, with the gradient stopped; at
-``r = t`` it is exactly the CFM target. (The paper integrates from data at 0 to noise at 1,
-so its identity reads ``u = v - (t - r) d/dt u``; here the point moves forward in time.)
+``r = t`` it is exactly the CFM target. The direction ``z`` moves in that derivative (the
+tangent) is either the same conditional velocity (the original MeanFlow) or the network's own
+instantaneous velocity ``u(z, r, r)`` (improved MeanFlow, Geng et al. 2025, arXiv
+2512.02012): the marginal velocity the identity asks for, estimated by the model rather than
+by one noisy pair. The improved paper writes the loss as a regression of the conditional
+velocity by ``V = u - (t - r) sg(d/dr u)``, a target that depends on the data alone; its
+gradient is that of ``u`` against ``v + (t - r) sg(d/dr u)``, so the one loss below serves
+both. (The papers integrate from data at 0 to noise at 1, so their identity reads
+``u = v - (t - r) d/dt u``; here the point moves forward in time.)
 Sampling in N jumps: ``z <- z + (t_k+1 - t_k) u(z, t_k, t_k+1)``.
 
 Everything here is pure tensor math: no modules, devices or files.
@@ -212,6 +219,7 @@ def meanflow_loss(
     sigma_min: float,
     *,
     v: Optional[torch.Tensor] = None,
+    tangent: Optional[torch.Tensor] = None,
     power: float = 1.0,
     eps: float = 1e-3,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -219,13 +227,16 @@ def meanflow_loss(
 
     ``average(z, r, t)`` is the network's average velocity. ``v`` is the velocity that moves
     ``z`` (default: the conditional ``x1 - (1 - σ_min) x0``; a guided one for classifier-free
-    guidance folded into training). The target ``v + (t - r) d/dr u`` carries no gradient;
+    guidance folded into training). ``tangent`` is the direction ``z`` moves in ``d/dr u``
+    (default: ``v``; the network's own velocity for improved MeanFlow, computed by the caller
+    without gradient). The target ``v + (t - r) d/dr u`` carries no gradient;
     the loss is the squared error weighted by ``1 / (error + eps)^power`` (the paper's
     adaptive weighting, also without gradient; ``power = 0``: plain MSE).
     """
     z = interpolate(x0, x1, r, sigma_min)  # (B, C, H, W) the point at time r
     v = target_velocity(x0, x1, sigma_min) if v is None else v
-    u, dudr = time_derivative(lambda z_, r_: average(z_, r_, t), z, r, v.to(z.dtype))
+    dz = v if tangent is None else tangent
+    u, dudr = time_derivative(lambda z_, r_: average(z_, r_, t), z, r, dz.to(z.dtype))
     target = meanflow_target(v.float(), dudr.float(), r, t)
     error = (u.float() - target).pow(2).flatten(1).mean(dim=1)  # (B,)
     weight = (error.detach() + eps).pow(-power) if power else torch.ones_like(error)

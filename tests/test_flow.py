@@ -192,6 +192,27 @@ def test_where_r_equals_t_the_meanflow_loss_is_the_cfm_loss(pair):
     torch.testing.assert_close(weighted, error / (error + 1e-3))
 
 
+def test_with_the_marginal_velocity_as_tangent_the_exact_average_leaves_only_the_pairs_noise(gaussian):
+    """Improved MeanFlow's tangent: with the true instantaneous velocity as the direction of the
+    derivative, the exact average velocity's residual is the conditional velocity's deviation
+    from the marginal one, whatever the gap; with the pair's own velocity it is not."""
+    from latentflow.flow import meanflow_loss, target_velocity
+
+    z, r, t = gaussian
+    sigma = 1e-3
+    x1 = MU + S * torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=z.dtype)
+    x0 = (z - r.reshape(-1, 1, 1, 1) * x1) / (1 - (1 - sigma) * r.reshape(-1, 1, 1, 1))  # the pair through z at r
+    average = lambda z_, r_, t_: _exact_average(z_, r_, t_, sigma)
+    marginal, conditional = _exact_velocity(z, r, sigma), target_velocity(x0, x1, sigma)
+    noise = (conditional - marginal).pow(2).flatten(1).mean(1).float()  # the loss works in float32
+    _, error = meanflow_loss(average, x0, x1, r, t, sigma, tangent=marginal, power=0)
+    torch.testing.assert_close(error, noise)
+    _, error = meanflow_loss(average, x0, x1, r, t, sigma, v=marginal, power=0)  # tangent defaults to v
+    torch.testing.assert_close(error, torch.zeros_like(error))
+    _, own = meanflow_loss(average, x0, x1, r, t, sigma, power=0)  # the original: the pair's velocity
+    assert float((own - noise).abs().max()) > 1e-3
+
+
 @pytest.mark.parametrize("steps", [1, 2, 5])
 def test_jumps_with_the_exact_average_velocity_land_on_the_ode_solution(steps):
     g = torch.Generator().manual_seed(2)

@@ -71,8 +71,9 @@ def test_two_processes_average_the_same_gradients_as_one(tmp_path):
         torch.testing.assert_close(ddp[k], one[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_the_training_loss_learns_with_guidance_and_the_curriculum():
-    flow = FlowConfig(objective="meanflow", gap_warmup_steps=10, time_sampler="uniform")
+@pytest.mark.parametrize("tangent", ["conditional", "model"])
+def test_the_training_loss_learns_with_guidance_and_the_curriculum(tangent):
+    flow = FlowConfig(objective="meanflow", gap_warmup_steps=10, time_sampler="uniform", tangent=tangent)
     model = two_time_dit()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
