@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .bounded import BoundsError, read_json
 from .console import Console
-from .data import bad_file_error, bad_file_policy
+from .data import bad_file_error, bad_file_policy, build_dataset, check_channels
 from .distributed import on_main
 from .errors import DataError, LatentflowError, Stopped
 from .faults import Faults
@@ -63,6 +63,7 @@ from .rng import STREAM_DATA, STREAM_FLIP, STREAM_VALID, derive_seed
 from .vae import FrozenVAE
 
 __all__ = [
+    "vae_and_data",
     "CACHE_DTYPES",
     "LatentBatches",
     "LatentCache",
@@ -232,6 +233,21 @@ def cache_metadata(
 
 
 # --- encoding -------------------------------------------------------------------------------
+
+
+def vae_and_data(cfg, device, console: Optional[Console] = None):
+    """The frozen VAE of experiment ``cfg`` and the dataset it encodes, saying on ``console``
+    (the main process's) what happens to the images' channels, which subset ``data.max_items``
+    kept and what a folder's notes are; colour images for a 1-channel VAE are refused unless
+    ``data.convert_to_gray``. Shared by training and ``encode``, so both take the same data."""
+    vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder).to(device)
+    channels = check_channels(cfg.data, vae.in_channels, cfg.vae.pretrained)
+    dataset = build_dataset(cfg.data, channels=vae.in_channels)
+    notes = getattr(dataset, "notes", [])  # an image folder's: files skipped by extension, the background
+    for line in (channels, dataset.subset and f"data.max_items: training on {dataset.subset}", *notes):
+        if line and console is not None:
+            console.line(line)
+    return vae, dataset
 
 
 @torch.no_grad()

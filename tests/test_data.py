@@ -169,6 +169,26 @@ def test_npz_that_is_not_an_npz(tmp_path):
         build_dataset(DataConfig(source="npz", path=str(tmp_path / "empty.npz")), 1)
 
 
+def test_an_npz_that_unpacks_far_beyond_its_size_is_refused_before_unpacking(tmp_path, monkeypatch):
+    import latentflow.data.npz as npz
+
+    np.savez_compressed(tmp_path / "bomb.npz", images=np.zeros((2048, 32, 32), np.uint8))  # 2 MiB of zeros
+    np.savez_compressed(
+        tmp_path / "real.npz", images=np.random.default_rng(0).integers(0, 255, (2048, 32, 32), np.uint8)
+    )
+    monkeypatch.setattr(npz, "RATIO_FROM", 1 << 20)  # the rule for large arrays, on small ones
+    cfg = lambda name: DataConfig(source="npz", path=str(tmp_path / name))
+    with pytest.raises(
+        DataError, match=r"bomb.npz: images.npy unpacks from 0.0 MB to 2.0 MB \(\d+:1\), a decompression"
+    ):
+        build_dataset(cfg("bomb.npz"), 1)
+    assert len(build_dataset(cfg("real.npz"), 1)) == 2048  # noise barely compresses: accepted
+    pages = {"SC_PHYS_PAGES": 1024, "SC_PAGE_SIZE": 2048}  # a 2 MiB machine
+    monkeypatch.setattr(npz.os, "sysconf", lambda name: pages[name])
+    with pytest.raises(DataError, match=r"real.npz: its arrays unpack to 2.0 MB, more than half of this machine.s 2.0"):
+        build_dataset(cfg("real.npz"), 1)
+
+
 def test_a_stray_label_does_not_size_the_model(tmp_path):
     labels = np.arange(40) % 10
     labels[7] = 100_000  # one label far beyond the others would make a 100 001-class model

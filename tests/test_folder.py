@@ -70,8 +70,7 @@ def test_modes_sizes_and_extensions_are_brought_to_the_vae(tmp_path):
     p.save(d / "palette.png", transparency=0)
     Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(d / "cmyk.jpg")  # red in CMYK
     Image.fromarray(np.full((20, 20), 65535, np.uint16)).save(d / "deep.png")  # 16-bit white
-    rgb(400, 10).save(d / "wide.bmp")  # an extreme aspect ratio
-    rgb(4, 4).save(d / "tiny.webp")  # smaller than the training size: scaled up
+    rgb(12, 12).save(d / "small.webp")  # smaller than the training size (but over half): scaled up
     for name, expect in [("gray.PNG", 100), ("la.png", 255), ("deep.png", 255)]:
         assert load_image(d / name, 16, 1, "white").mean() == pytest.approx(expect, abs=1)
     assert load_image(d / "la.png", 16, 1, "black").max() == 0  # the stated background shows through
@@ -80,7 +79,7 @@ def test_modes_sizes_and_extensions_are_brought_to_the_vae(tmp_path):
     r, g, b = load_image(d / "cmyk.jpg", 16, 3).reshape(-1, 3).mean(0)
     assert r > 200 and g < 60 and b < 60
     ds = build_dataset(folder_cfg(d), channels=3)
-    assert len(ds) == 9 and all(ds[i][3] == "" and ds[i][0].shape == (3, 16, 16) for i in range(len(ds)))
+    assert len(ds) == 8 and all(ds[i][3] == "" and ds[i][0].shape == (3, 16, 16) for i in range(len(ds)))
 
 
 def test_exif_rotation_is_applied(tmp_path):
@@ -124,8 +123,19 @@ def bomb(path):
         ),
         (bomb, "it is too large to decode safely"),
         (lambda p: p.symlink_to(p.parent / "nowhere.png"), "it is damaged or unreadable"),
+        (lambda p: rgb(8, 8).save(p), "it is 8x8 pixels, under half of data.image_size=32"),
+        (lambda p: rgb(2000, 40).save(p), "it is 40x2000 pixels: a square centre crop would keep only 2% of it"),
     ],
-    ids=["zero-byte", "html-as-image", "truncated-png", "truncated-jpeg", "decompression-bomb", "broken-link"],
+    ids=[
+        "zero-byte",
+        "html-as-image",
+        "truncated-png",
+        "truncated-jpeg",
+        "decompression-bomb",
+        "broken-link",
+        "tiny",
+        "extreme-aspect",
+    ],
 )
 def test_each_bad_file_is_one_line_naming_it(tmp_path, tiny_vae_dir, accelerator, make, message):
     root = make_folder(tmp_path / "pets")
@@ -271,6 +281,21 @@ def test_colour_data_is_never_made_grey_silently(tmp_path):
     assert "repeated to 3 channels" in check_channels(DataConfig(), 3, "sd-vae")  # grey digits, colour VAE
     with pytest.raises(DataError, match="VAE two takes 2-channel images.*a VAE of 1 or 3 input channels"):
         check_channels(DataConfig(), 2, "two")
+
+
+def test_encode_takes_and_says_the_data_as_training_does(tmp_path, tiny_vae_dir, capsys):
+    from latentflow.commands.encode import encode_experiment
+    from latentflow.config import load_config
+
+    root = make_folder(tmp_path / "pets")
+    sets = ["data.source=folder", f"data.path={root}", f"vae.pretrained={tiny_vae_dir}", "data.image_size=32"]
+    with pytest.raises(DataError, match=r"in colour but VAE .* takes 1 channel"):  # not made grey unasked
+        encode_experiment(load_config(SMOKE, sets), tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+    encode_experiment(load_config(SMOKE, [*sets, "data.convert_to_gray=true"]), tmp_path / "cache")
+    out = capsys.readouterr().out
+    assert "colour images made grey" in out and "transparent pixels, where images have them, are laid on white" in out
+    assert "file(s) skipped as not images by their extension" in out
 
 
 def test_awkward_names_links_and_unknown_formats_are_walked_once_and_said(tmp_path):

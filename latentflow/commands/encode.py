@@ -14,20 +14,17 @@ __all__ = ["encode_experiment", "main"]
 
 def encode_experiment(cfg, cache_dir: Optional[Path] = None, cpu: bool = False, dist_timeout: float = 180.0) -> Path:
     """Encode ``cfg``'s training data into the latent cache; returns the cache directory."""
-    from ..data import build_dataset
     from ..distributed import is_launched, make_accelerator
     from ..errors import Stopped
     from ..faults import Faults
-    from ..latents import default_cache_dir, load_or_build_cache
+    from ..latents import default_cache_dir, load_or_build_cache, vae_and_data
     from ..signals import StopRequest
     from ..training import Interrupted
-    from ..vae import FrozenVAE
 
     stop = StopRequest().watch_parent() if is_launched() else StopRequest()  # a dead launcher stops the encode
     accelerator = make_accelerator("no", cpu, 1, dist_timeout)
     main_process = accelerator.is_main_process
-    vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder).to(accelerator.device)
-    dataset = build_dataset(cfg.data, channels=vae.in_channels)
+    vae, dataset = vae_and_data(cfg, accelerator.device, TERMINAL if main_process else None)
     start = time.perf_counter()
     try:
         cache, root = load_or_build_cache(

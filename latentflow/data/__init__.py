@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from ..config import DataConfig
 from ..errors import DataError
-from .folder import FolderDataset, load_image
+from .folder import FolderDataset, load_image, misshapen
 from .mnist import MNIST_FILES, MNIST_MD5, MNIST_MIRRORS, bundled_mnist, download_mnist, idx_mnist, read_idx
 from .npz import load_npz
 
@@ -179,20 +179,17 @@ def to_model_images(images: np.ndarray, image_size: int, channels: int, origin: 
 
 
 def _check_geometry(images: np.ndarray, size: int, origin: str) -> None:
-    """Refuse arrays that resizing would turn into something else than the data: images
-    under half the training size (2x2 blown up to 32x32) or of aspect ratio beyond 4:1 (the
-    centre crop would drop most of them)."""
+    """Refuse arrays that resizing would turn into something else than the data (the rule of
+    ``folder.misshapen``)."""
     h, w = images.shape[1:3]
-    if min(h, w) * 2 < size:
-        raise DataError(
-            f"{origin}: images are {h}x{w} pixels, under half of data.image_size={size}; "
+    why = misshapen(h, w, size)
+    if why:
+        fix = (
             f"set data.image_size to at most {2 * min(h, w)} or use larger images"
+            if min(h, w) * 2 < size
+            else "crop or pad them first"
         )
-    if max(h, w) > 4 * min(h, w):
-        raise DataError(
-            f"{origin}: images are {h}x{w} pixels; a square centre crop would keep only "
-            f"{min(h, w) / max(h, w):.0%} of each; crop or pad them first"
-        )
+        raise DataError(f"{origin}: the images are {why}; {fix}")
 
 
 def check_memory(n: int, channels: int, size: int, origin: str) -> None:

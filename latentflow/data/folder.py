@@ -8,7 +8,9 @@
 * Each image is EXIF-rotated; 16-bit grayscale is scaled to 8 bits; CMYK becomes RGB;
   transparency (RGBA, LA, P or L/RGB with a transparent colour) is composited on
   ``data.background``; then it is converted to L or RGB for the VAE, its short side resized
-  and its centre cropped to ``data.image_size`` (smaller images are scaled up).
+  and its centre cropped to ``data.image_size`` (smaller images are scaled up). An image under
+  half that size, or beyond 4:1, is a bad file (``misshapen``): blown up or cropped it would
+  be something else than the data.
 * A file that cannot be used (empty, not an image, truncated, larger than Pillow's
   decompression-bomb limit, unreadable, a broken link) stops the run with one line naming
   it. With ``data.skip_bad_images: true`` it is skipped and counted instead, and the run
@@ -32,7 +34,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError, printable
 
-__all__ = ["FolderDataset", "load_image"]
+__all__ = ["FolderDataset", "load_image", "misshapen"]
 
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
 _NOT_IMAGES = {
@@ -66,6 +68,17 @@ def _image_extensions() -> set:
     return {ext.lower() for ext in Image.registered_extensions()}
 
 
+def misshapen(h: int, w: int, size: int) -> str:
+    """Why an h x w image would not make a size x size training image, or "": under half the
+    size on its short side (an 8x8 icon blown up to 32x32), or beyond 4:1 (the square centre
+    crop would drop most of it). Arrays and image files follow this one rule."""
+    if min(h, w) * 2 < size:
+        return f"{h}x{w} pixels, under half of data.image_size={size}"
+    if max(h, w) > 4 * min(h, w):
+        return f"{h}x{w} pixels: a square centre crop would keep only {min(h, w) / max(h, w):.0%} of it"
+    return ""
+
+
 def load_image(path: Path, size: int, channels: int, background: str = "white") -> np.ndarray:
     """Decode ``path`` to uint8 (size, size, channels); raises ``BadImage`` with the reason."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -89,6 +102,9 @@ def load_image(path: Path, size: int, channels: int, background: str = "white") 
             f"it is damaged or unreadable ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
         ) from None
 
+    why = misshapen(img.height, img.width, size)
+    if why:
+        raise BadImage(f"it is {why}")
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale -> 8 bits
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).round().astype(np.uint8))
     elif img.mode == "F":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 from typing import Tuple
@@ -11,6 +12,43 @@ import numpy as np
 from ..errors import DataError
 
 __all__ = ["load_npz"]
+
+
+MAX_RATIO = 200  # inflation of one array beyond which a large member is a decompression bomb
+RATIO_FROM = 256 << 20  # members above this size are held to MAX_RATIO
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+def _check_inflation(path: Path) -> None:
+    """Read what the archive's directory says its arrays inflate to, before inflating any:
+    more than half this machine's memory, or a large array packed beyond ``MAX_RATIO``:1
+    (real pixels compress a few times; a 2 MB file of zeros that unpacks to 2 GB is a bomb),
+    is a one-line error."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    total = sum(m.file_size for m in members)
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    if memory and total > memory // 2:
+        raise DataError(
+            f"{path}: its arrays unpack to {_size(total)}, more than half of this machine's "
+            f"{_size(memory)}; split the data, or use an image folder (data.source=folder)"
+        )
+    for m in members:
+        if m.file_size > RATIO_FROM and m.file_size > MAX_RATIO * max(m.compress_size, 1):
+            raise DataError(
+                f"{path}: {m.filename} unpacks from {_size(m.compress_size)} to {_size(m.file_size)} "
+                f"({m.file_size // max(m.compress_size, 1)}:1), a decompression bomb rather than images; "
+                "save real pixels with numpy.savez(path, images=..., labels=...)"
+            )
 
 
 def load_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, int]:
@@ -23,6 +61,7 @@ def load_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, int]:
         raise DataError(
             f"{path}: not an .npz file (not a zip archive); write it with numpy.savez(path, images=..., labels=...)"
         )
+    _check_inflation(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}

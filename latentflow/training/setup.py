@@ -12,19 +12,17 @@ import torch
 
 from ..config import ExperimentConfig, config_to_dict, save_config
 from ..console import Console
-from ..data import build_dataset, check_channels
 from ..distributed import on_main
 from ..ema import EMA
 from ..errors import LatentflowError, Stopped
 from ..faults import Faults
 from ..figures import class_grid_labels
 from ..files import remove_stale_temps
-from ..latents import LatentBatches, default_cache_dir, load_or_build_cache
+from ..latents import LatentBatches, default_cache_dir, load_or_build_cache, vae_and_data
 from ..models import create_model
 from ..rng import RankRNG
 from ..runs import new_run_dir, run_base_name
 from ..signals import RunLock
-from ..vae import FrozenVAE
 from .checkpoints import CheckpointManager, Resume
 from .optim import adamw, fused_ok
 from .state import RunOptions, Trainer
@@ -98,7 +96,7 @@ def setup(
     if resume is not None:
         on_main(accelerator, lambda: _claim(resume[0], lock, console))  # before any work: one writer per run
 
-    vae, dataset = _vae_and_data(cfg, device, console if is_main else None)
+    vae, dataset = vae_and_data(cfg, device, console if is_main else None)
     latent_shape = vae.latent_shape(cfg.data.image_size)  # (c, h, w)
     set_seed(cfg.train.seed)  # identical initial weights on every rank, before anything else draws
     num_classes = 0 if cfg.model.unconditional else dataset.num_classes
@@ -151,19 +149,6 @@ def setup(
     start_trackers(accelerator, run_dir, config_to_dict(cfg), trainer.state.step if resume else None)
     _announce(trainer, len(cache), latent_shape, vae.in_channels, cache_root)
     return trainer
-
-
-def _vae_and_data(cfg: ExperimentConfig, device, console: Optional[Console]):
-    """The frozen VAE and the dataset, saying (main process) what happens to the images'
-    channels and which subset ``data.max_items`` kept."""
-    vae = FrozenVAE.from_pretrained(cfg.vae.pretrained, cfg.vae.subfolder).to(device)
-    channels = check_channels(cfg.data, vae.in_channels, cfg.vae.pretrained)
-    dataset = build_dataset(cfg.data, channels=vae.in_channels)
-    notes = getattr(dataset, "notes", [])  # an image folder's: files skipped by extension, the background
-    for line in (channels, dataset.subset and f"data.max_items: training on {dataset.subset}", *notes):
-        if line and console is not None:
-            console.line(line)
-    return vae, dataset
 
 
 def _latents(cfg: ExperimentConfig, options: RunOptions, accelerator, vae, dataset, stop, console, faults):
