@@ -623,11 +623,12 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         values = read_yaml_mapping(path)
     for override in overrides:
         _apply_override(values, override)
-    where = f" (in {path})" if path else ""
     try:
         return config_from_dict(values)
     except ConfigError as exc:
-        raise ConfigError(f"{exc}{where}") from None
+        keys = [o.partition("=")[0].strip() for o in overrides]
+        from_set = any(k and str(exc).startswith(k) for k in keys)  # the value came from --set, not the file
+        raise ConfigError(f"{exc} (from --set)" if from_set else f"{exc} (in {path})" if path else str(exc)) from None
 
 
 def with_overrides(cfg: ExperimentConfig, overrides: Sequence[str], sections: Sequence[str] = ()) -> ExperimentConfig:

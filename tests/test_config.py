@@ -58,6 +58,15 @@ def test_bad_values_name_the_key(override, message):
     assert message in str(info.value)
 
 
+def test_a_bad_value_is_blamed_on_where_it_came_from(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", ["train.lr=-1"])
+    assert str(info.value).endswith("(from --set)") and "smoke.yaml" not in str(info.value)
+    (tmp_path / "mine.yaml").write_text("train:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"train.lr.*\(in .*mine.yaml\)$"):
+        load_config(tmp_path / "mine.yaml", ["train.epochs=2"])
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")

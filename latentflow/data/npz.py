@@ -14,6 +14,7 @@ from ..errors import DataError
 __all__ = ["load_npz"]
 
 
+_WRITE = "write it with numpy.savez(path, images=uint8 array, labels=integer array)"
 MAX_RATIO = 200  # inflation of one array beyond which a large member is a decompression bomb
 RATIO_FROM = 256 << 20  # members above this size are held to MAX_RATIO
 
@@ -71,11 +72,11 @@ def load_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, int]:
                 f"{path}: holds Python objects (pickled) that are not loaded for safety; save plain "
                 "arrays: numpy.savez(path, images=uint8 array, labels=integer array)"
             ) from None
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+        raise DataError(f"{path}: not a readable .npz file ({exc}); {_WRITE}") from None
     except Exception as exc:  # zipfile and value errors all mean "not a usable npz"
-        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc}); {_WRITE}") from None
     if "images" not in arrays:
-        raise DataError(f"{path}: no array named 'images' (found: {', '.join(arrays) or 'none'})")
+        raise DataError(f"{path}: no array named 'images' (found: {', '.join(arrays) or 'none'}); {_WRITE}")
     images = arrays["images"]
     if images.dtype != np.uint8:
         raise DataError(f"{path}: 'images' has dtype {images.dtype}; save uint8 pixels in [0, 255]")

@@ -133,7 +133,8 @@ class Trainer:
         on_main(self.accelerator, lambda: self.append_log(record))
 
     def diverged(self, what: str) -> TrainingDiverged:
+        fp16 = self.accelerator.mixed_precision == "fp16"
         return TrainingDiverged(
-            f"{what}; last good checkpoint: {self.checkpoints.last or 'none'}; "
-            "lower train.lr, or use --mixed-precision bf16 instead of fp16"
+            f"{what}; last good checkpoint: {self.checkpoints.last or 'none'}; lower train.lr"
+            + (", or use --mixed-precision bf16 instead of fp16" if fp16 else " or train.grad_clip")
         )
