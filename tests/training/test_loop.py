@@ -78,14 +78,24 @@ def test_an_epoch_runs_every_step_and_moves_the_ema(make_trainer):
     assert not all(torch.equal(a, b) for a, b in zip(ema, trained))  # an average, not a copy
 
 
-def test_an_epoch_end_checkpoint_resumes_bit_for_bit(make_trainer):
-    first = make_trainer("train.epochs=2")
+MEANFLOW = (
+    "flow.objective=meanflow",
+    "flow.tangent=model",
+    "flow.gap_warmup_steps=6",  # the curriculum spans the resume
+    "sampler.solver=meanflow",
+    "sampler.steps=1",
+)
+
+
+@pytest.mark.parametrize("objective", [(), MEANFLOW], ids=["cfm", "meanflow"])
+def test_an_epoch_end_checkpoint_resumes_bit_for_bit(make_trainer, objective):
+    first = make_trainer("train.epochs=2", *objective)
     end_of_epoch(first, 0, train_one_epoch(first, 0), seconds=1.0)
     checkpoint = first.checkpoints.last
     assert checkpoint.name == "step_00000004" and (first.run_dir / "figures" / "epoch_001.png").is_file()
     train_one_epoch(first, 1)  # the uninterrupted second epoch
     make_trainer.release()
-    resumed = make_trainer("train.epochs=2", resume=Resume(first.run_dir, checkpoint))
+    resumed = make_trainer("train.epochs=2", *objective, resume=Resume(first.run_dir, checkpoint))
     assert resumed.state.epoch == 1 and resumed.state.step == 4
     train_one_epoch(resumed, 1)
     for a, b in zip(weights(first.raw_model), weights(resumed.raw_model)):
