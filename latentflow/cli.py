@@ -557,10 +557,27 @@ def _launch(rest: List[str]) -> int:
         return 2
 
 
+class _Terminated(Exception):
+    """SIGTERM outside a training loop (which takes the signal over to checkpoint first)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
 def _run(args) -> int:
-    """Run the parsed command; its errors become one line and an exit status."""
+    """Run the parsed command; its errors become one line and an exit status. SIGTERM ends any
+    command run directly as Ctrl-C does, with one line: every output is written atomically, so
+    what was written is whole and nothing partial stays."""
+    import signal
+    import threading
+
     from .training.state import Interrupted
 
+    # not in a launched worker: its launcher's SIGTERM must end it even inside a collective
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    own = threading.current_thread() is threading.main_thread() and not launched
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if own else None
     try:
         importlib.import_module(f"latentflow.commands.{args.module}").main(args)
     except LatentflowError as exc:
@@ -577,6 +594,13 @@ def _run(args) -> int:
         if _is_main_rank():
             print("interrupted: completed checkpoints and outputs are intact", file=sys.stderr)
         return 130
+    except _Terminated:
+        if _is_main_rank():
+            print("stopped (SIGTERM): completed checkpoints and outputs are intact", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
