@@ -553,7 +553,7 @@ def _launch(rest: List[str]) -> int:
     try:
         return launch(*split_argv(rest), run_inline=main)
     except LatentflowError as exc:
-        print(f"error: {printable(exc)}", file=sys.stderr)
+        _report_error(str(exc))
         return 2
 
 
@@ -614,7 +614,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.argv = argv[1:] if argv and argv[0] in ("train", "train-vae") else argv
     problem = _check_flags(args)
     if problem:
-        print(f"error: {printable(problem)}", file=sys.stderr)
+        _report_error(problem)
         return 2
     _quiet_libraries()
     return _run(args)

@@ -244,7 +244,7 @@ def vae_and_data(cfg, device, console: Optional[Console] = None):
     channels = check_channels(cfg.data, vae.in_channels, cfg.vae.pretrained)
     dataset = build_dataset(cfg.data, channels=vae.in_channels)
     notes = getattr(dataset, "notes", [])  # an image folder's: files skipped by extension, the background
-    for line in (channels, dataset.subset and f"data.max_items: training on {dataset.subset}", *notes):
+    for line in (channels, dataset.subset and f"data.max_items: {dataset.subset}", *notes):
         if line and console is not None:
             console.line(line)
     return vae, dataset
