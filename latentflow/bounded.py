@@ -12,13 +12,23 @@ megabytes of memory, whatever they hold.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional
 
 from .errors import LatentflowError
 
-__all__ = ["MAX_ALIASES", "MAX_BYTES", "MAX_DEPTH", "BoundsError", "json_depth", "read_json", "read_yaml"]
+__all__ = [
+    "MAX_ALIASES",
+    "MAX_BYTES",
+    "MAX_DEPTH",
+    "BoundsError",
+    "json_depth",
+    "physical_memory",
+    "read_json",
+    "read_yaml",
+]
 
 MAX_BYTES = 1 << 20  # 1 MiB
 MAX_DEPTH = 32
@@ -27,6 +37,15 @@ MAX_ALIASES = 16
 
 class BoundsError(LatentflowError):
     """A file or value too large, too deep or with too many aliases to be one of ours."""
+
+
+def physical_memory() -> Optional[int]:
+    """This machine's memory in bytes, the bound that data sizes are checked against before
+    anything is allocated; None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _text(source, what: str, max_bytes: int) -> str:

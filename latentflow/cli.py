@@ -572,11 +572,11 @@ def _run(args) -> int:
     import signal
     import threading
 
+    from .distributed import is_launched
     from .training.state import Interrupted
 
     # not in a launched worker: its launcher's SIGTERM must end it even inside a collective
-    launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    own = threading.current_thread() is threading.main_thread() and not launched
+    own = threading.current_thread() is threading.main_thread() and not is_launched()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if own else None
     try:
         importlib.import_module(f"latentflow.commands.{args.module}").main(args)

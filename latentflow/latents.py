@@ -63,7 +63,6 @@ from .rng import STREAM_DATA, STREAM_FLIP, STREAM_VALID, derive_seed
 from .vae import FrozenVAE
 
 __all__ = [
-    "vae_and_data",
     "CACHE_DTYPES",
     "LatentBatches",
     "LatentCache",
@@ -71,6 +70,7 @@ __all__ = [
     "default_cache_dir",
     "encode_items",
     "load_or_build_cache",
+    "vae_and_data",
 ]
 
 CACHE_FORMAT = "2"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from .bounded import BoundsError, read_json
+from .bounded import BoundsError, physical_memory, read_json
 from .config import ExperimentConfig, config_from_file, save_config
 from .errors import CheckpointError, LatentflowError
 from .files import atomic_dir, file_sha256
@@ -153,11 +152,8 @@ class LatentFlowPipeline(DiffusionPipeline):
         c, h, w = self.latent_shape
         side = h * 2 ** (len(self.vae.config.block_out_channels) - 1)
         per_image = 3 * 4 * c * h * w + side * side * int(self.vae.config.in_channels) + 8
-        try:
-            memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return
-        if n * per_image > memory / 2:
+        memory = physical_memory()
+        if memory and n * per_image > memory / 2:
             raise LatentflowError(
                 f"{name} {n}: that many images need about {n * per_image / 2**30:.1f} GB, more than half of this "
                 f"machine's {memory / 2**30:.0f} GB; draw at most {int(memory / 2 / per_image)} at a time "

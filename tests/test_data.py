@@ -183,8 +183,7 @@ def test_an_npz_that_unpacks_far_beyond_its_size_is_refused_before_unpacking(tmp
     ):
         build_dataset(cfg("bomb.npz"), 1)
     assert len(build_dataset(cfg("real.npz"), 1)) == 2048  # noise barely compresses: accepted
-    pages = {"SC_PHYS_PAGES": 1024, "SC_PAGE_SIZE": 2048}  # a 2 MiB machine
-    monkeypatch.setattr(npz.os, "sysconf", lambda name: pages[name])
+    monkeypatch.setattr(npz, "physical_memory", lambda: 2 << 20)  # a 2 MiB machine
     with pytest.raises(DataError, match=r"real.npz: its arrays unpack to 2.0 MB, more than half of this machine.s 2.0"):
         build_dataset(cfg("real.npz"), 1)
 

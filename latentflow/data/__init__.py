@@ -20,7 +20,6 @@ latents with labels whatever order a loader draws them in.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..bounded import physical_memory
 from ..config import DataConfig
 from ..errors import DataError
 from .folder import FolderDataset, load_image, misshapen
@@ -195,11 +195,8 @@ def _check_geometry(images: np.ndarray, size: int, origin: str) -> None:
 def check_memory(n: int, channels: int, size: int, origin: str) -> None:
     """Refuse an in-memory dataset that would not fit: resizing holds float32 copies."""
     needed = n * channels * size * size * 5  # uint8 result + a float32 working copy
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return
-    if needed > 0.5 * total:
+    total = physical_memory()
+    if total and needed > 0.5 * total:
         raise DataError(
             f"{origin}: {n} images at data.image_size={size} need about {needed / 2**30:.1f} GB in memory, more "
             f"than half of this machine's {total / 2**30:.0f} GB; lower data.image_size or data.max_items"

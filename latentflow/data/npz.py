@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 from typing import Tuple
 
 import numpy as np
 
+from ..bounded import physical_memory
 from ..errors import DataError
 
 __all__ = ["load_npz"]
@@ -34,10 +34,7 @@ def _check_inflation(path: Path) -> None:
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
     total = sum(m.file_size for m in members)
-    try:
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        memory = None
+    memory = physical_memory()
     if memory and total > memory // 2:
         raise DataError(
             f"{path}: its arrays unpack to {_size(total)}, more than half of this machine's "
@@ -48,7 +45,7 @@ def _check_inflation(path: Path) -> None:
             raise DataError(
                 f"{path}: {m.filename} unpacks from {_size(m.compress_size)} to {_size(m.file_size)} "
                 f"({m.file_size // max(m.compress_size, 1)}:1), a decompression bomb rather than images; "
-                "save real pixels with numpy.savez(path, images=..., labels=...)"
+                f"{_WRITE} from real pixels"
             )
 
 
@@ -59,9 +56,7 @@ def load_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, int]:
     if not path.is_file():
         raise DataError(f"npz file {path} not found; check data.path")
     if not zipfile.is_zipfile(path):
-        raise DataError(
-            f"{path}: not an .npz file (not a zip archive); write it with numpy.savez(path, images=..., labels=...)"
-        )
+        raise DataError(f"{path}: not an .npz file (not a zip archive); {_WRITE}")
     _check_inflation(path)
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -69,8 +64,7 @@ def load_npz(path: Path) -> Tuple[np.ndarray, np.ndarray, int]:
     except ValueError as exc:
         if "pickle" in str(exc):
             raise DataError(
-                f"{path}: holds Python objects (pickled) that are not loaded for safety; save plain "
-                "arrays: numpy.savez(path, images=uint8 array, labels=integer array)"
+                f"{path}: holds Python objects (pickled) that are not loaded for safety; {_WRITE}"
             ) from None
         raise DataError(f"{path}: not a readable .npz file ({exc}); {_WRITE}") from None
     except Exception as exc:  # zipfile and value errors all mean "not a usable npz"
