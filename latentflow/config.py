@@ -170,7 +170,8 @@ class FlowConfig:
     objective: str = "cfm"
     """'cfm': flow matching, the velocity, sampled with an ODE solver. 'meanflow': the
     average velocity over an interval (MeanFlow), sampled in 1 or a few jumps
-    (sampler.solver: meanflow); guidance (sampler.cfg_scale) is built into its training."""
+    (sampler.solver: meanflow); guidance is built into its training (sampler.cfg_scale, or
+    a range of scales the model takes as an input: guidance_range)."""
     equal_times: float = 0.75
     """meanflow: share of training pairs (r, t) with r = t, where the loss is plain CFM."""
     gap_warmup_steps: int = 0
@@ -189,6 +190,11 @@ class FlowConfig:
     visits, (k/N, (k+1)/N) for N in jump_steps; 0: none (every pair from time_sampler)."""
     jump_steps: List[int] = field(default_factory=lambda: [1, 2])
     """meanflow: the jump counts N whose intervals jump_share trains on."""
+    guidance_range: Optional[List[float]] = None
+    """meanflow: [lo, hi] makes the guidance scale an input of the model (improved MeanFlow):
+    each training pair is guided at its own scale, drawn uniformly from that range, and
+    sampling may choose any scale in it (sampler.cfg_scale is then only the default).
+    null: the scale is sampler.cfg_scale, built into training."""
 
     def validate(self) -> None:
         if not 0.0 <= self.sigma_min < 1.0:
@@ -210,6 +216,9 @@ class FlowConfig:
         _unit_interval("flow.jump_share", self.jump_share)
         if not self.jump_steps or not all(type(n) is int and 1 <= n <= 1024 for n in self.jump_steps):
             raise ConfigError(f"flow.jump_steps must be a list of whole numbers in [1, 1024], got {self.jump_steps}")
+        g = self.guidance_range
+        if g is not None and not (len(g) == 2 and 0 <= g[0] < g[1] <= 10):  # numbers: checked on reading
+            raise ConfigError(f"flow.guidance_range must be null or [lo, hi] with 0 <= lo < hi <= 10, got {_show(g)}")
 
 
 MAX_SOLVER_STEPS = 10000  # more never changes a sample; the bound keeps a typo from running for days
@@ -440,6 +449,14 @@ class ExperimentConfig:
                 f"sampler.solver {self.sampler.solver} with flow.objective {self.flow.objective}: a meanflow model "
                 "samples in jumps (sampler.solver: meanflow, steps 1 or 2), a cfm model with an ODE solver "
                 "(euler, heun, ...); set the two together"
+            )
+        g, scale = self.flow.guidance_range, self.sampler.cfg_scale
+        if g is not None and self.flow.objective != "meanflow":
+            raise ConfigError("flow.guidance_range is for flow.objective meanflow; a cfm model takes any scale already")
+        if g is not None and not g[0] <= scale <= g[1]:
+            raise ConfigError(
+                f"sampler.cfg_scale {scale:g} lies outside flow.guidance_range {g}: the default scale must be one "
+                "the model learns"
             )
         return self
 

@@ -140,6 +140,7 @@ class LatentFlowPipeline(DiffusionPipeline):
             atol=c.atol,
             rtol=c.rtol,
             objective=c.get("objective", "cfm"),  # exports made before average velocities: cfm
+            guidance_range=self.transformer.config.get("guidance_range"),
         )
 
     def _check_count(self, n: Optional[int], name: str) -> None:
@@ -578,6 +579,7 @@ def _from_export(src: Source) -> tuple:
         atol=c.atol,
         rtol=c.rtol,
         objective=c.get("objective", "cfm"),
+        guidance_range=pipe.transformer.config.get("guidance_range"),
     )
     try:
         stored.check({k: f"model_index.json's {v}" for k, v in PIPELINE_NAMES.items()})

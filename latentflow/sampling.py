@@ -64,6 +64,7 @@ class SamplerSettings:
     atol: float = _DEFAULTS.atol
     rtol: float = _DEFAULTS.rtol
     objective: str = "cfm"  # what the model was trained for (not a choice): which solvers fit it
+    guidance_range: Optional[List[float]] = None  # a meanflow model's learnt scales (not a choice)
 
     @classmethod
     def resolve(
@@ -82,12 +83,18 @@ class SamplerSettings:
         settings = replace(defaults, **chosen)
         names = {**PIPELINE_NAMES, **(names or {})}
         settings.check(names)
-        scale = settings.cfg_scale
-        if settings.objective == "meanflow" and conditional and scale not in (0, defaults.cfg_scale):
-            raise LatentflowError(
-                f"{names['cfg_scale']} {scale!r}: this model was trained with guidance {defaults.cfg_scale:g} built in "
-                f"(flow.objective=meanflow); leave it unset, or 0 for unconditional images"
-            )
+        scale, learnt = settings.cfg_scale, settings.guidance_range
+        if settings.objective == "meanflow" and conditional and scale != 0:
+            if learnt is None and scale != defaults.cfg_scale:
+                raise LatentflowError(
+                    f"{names['cfg_scale']} {scale!r}: this model was trained with guidance {defaults.cfg_scale:g} "
+                    "built in (flow.objective=meanflow); leave it unset, or 0 for unconditional images"
+                )
+            if learnt is not None and not learnt[0] <= scale <= learnt[1]:
+                raise LatentflowError(
+                    f"{names['cfg_scale']} {scale!r}: this model learnt guidance scales from {learnt[0]:g} to "
+                    f"{learnt[1]:g} (flow.guidance_range); choose one there, or 0 for unconditional images"
+                )
         return settings if conditional else replace(settings, cfg_scale=0.0)
 
     def check(self, names: Dict[str, str] = PIPELINE_NAMES) -> None:
@@ -228,12 +235,17 @@ def guided_velocity(
     return guided
 
 
-def jump_velocity(model: nn.Module, labels: Optional[torch.Tensor]) -> Callable:
+def jump_velocity(model: nn.Module, labels: Optional[torch.Tensor], cfg_scale: float = 1.0) -> Callable:
     """average(x, r, t) of an average-velocity model (flow.objective=meanflow) for ``labels``
-    (None: unconditional); its guidance was built in by training."""
+    (None: unconditional). Its guidance was built in by training, at one scale, or over a
+    range that the model takes as an input: then at ``cfg_scale``."""
+    takes_scale = getattr(getattr(model, "config", None), "guidance_range", None) is not None
+    inputs = {}
+    if takes_scale and labels is not None:
+        inputs = {"guidance": torch.full(labels.shape, float(cfg_scale), device=labels.device)}
 
     def average(x, r, t):
-        return model(x, r, labels, gap=t - r)
+        return model(x, r, labels, gap=t - r, **inputs)
 
     return average
 
@@ -301,7 +313,7 @@ def sample_images(
         x0 = noise[start : start + batch_size].to(device, dtype)
         y = None if label_t is None else label_t[start : start + batch_size].to(device)
         if solver == "meanflow":  # guidance came with training: labels, or none for scale 0
-            velocity = jump_velocity(model, None if cfg_scale == 0 else y)
+            velocity = jump_velocity(model, None if cfg_scale == 0 else y, cfg_scale)
         else:
             velocity = guided_velocity(model, y, cfg_scale, guidance_interval)
         with autocast():

@@ -127,6 +127,13 @@ def test_an_average_velocity_objective_goes_with_jumps_and_its_settings_are_chec
         load_config("meanflow", ["flow.equal_times=1.5"])
     with pytest.raises(ConfigError, match="flow.objective"):
         load_config("default", ["flow.objective=shortcut"])
+    assert load_config("meanflow", ["flow.guidance_range=[1, 2.5]"]).flow.guidance_range == [1.0, 2.5]
+    with pytest.raises(ConfigError, match="flow.guidance_range is for flow.objective meanflow"):
+        load_config("default", ["flow.guidance_range=[1, 2]"])
+    with pytest.raises(ConfigError, match=r"flow.guidance_range must be null or \[lo, hi\] with 0 <= lo < hi <= 10"):
+        load_config("meanflow", ["flow.guidance_range=[2, 1]"])
+    with pytest.raises(ConfigError, match=r"sampler.cfg_scale 3 lies outside flow.guidance_range \[1.0, 2.0\]"):
+        load_config("meanflow", ["flow.guidance_range=[1, 2]", "sampler.cfg_scale=3"])
 
 
 def test_a_tolerance_the_sampler_would_refuse_is_refused_before_training():

@@ -91,3 +91,28 @@ def test_a_second_time_input_only_for_average_velocity_models(tmp_path):
     two.save_pretrained(tmp_path / "m")
     again = DiT.from_pretrained(tmp_path / "m")
     assert again.config.two_times and torch.equal(again(x, t, y, gap=t), two(x, t, y, gap=t))
+
+
+def test_guidance_as_an_input_only_for_average_velocity_models_that_ask(tmp_path):
+    """A model built with a guidance_range shares every other weight with one without, reads
+    guidance=None as 1 (unguided), answers to the scale, and saves and loads as such."""
+    torch.manual_seed(0)
+    two = small(two_times=True)
+    torch.manual_seed(0)
+    guided = small(two_times=True, guidance_range=[1.0, 2.5])
+    extra = set(guided.state_dict()) - set(two.state_dict())
+    assert extra and all(k.startswith("w_embedder.") for k in extra)
+    assert all(torch.equal(v, guided.state_dict()[k]) for k, v in two.state_dict().items())
+    guided = perturbed(guided)
+    x, t, y, gap = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 10]), torch.full((3,), 0.5)
+    torch.testing.assert_close(guided(x, t, y, gap=gap), guided(x, t, y, gap=gap, guidance=torch.ones(3)))
+    assert not torch.allclose(guided(x, t, y, gap=gap, guidance=torch.full((3,), 2.0)), guided(x, t, y, gap=gap))
+    guided.save_pretrained(tmp_path / "m")
+    again = DiT.from_pretrained(tmp_path / "m")
+    assert again.config.guidance_range == [1.0, 2.5]
+    s = torch.tensor([1.2, 2.0, 1.0])
+    assert torch.equal(again(x, t, y, gap=gap, guidance=s), guided(x, t, y, gap=gap, guidance=s))
+    with pytest.raises(ValueError, match="guidance_range is for average-velocity models"):
+        small(guidance_range=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"guidance_range must be \[lo, hi\] with 0 <= lo < hi, got \[2.0, 1.0\]"):
+        small(two_times=True, guidance_range=[2.0, 1.0])

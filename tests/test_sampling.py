@@ -115,6 +115,12 @@ def test_a_jumping_model_takes_only_jumps_and_its_own_guidance():
         SamplerSettings.resolve(jumper, cfg_scale=3.0)
     with pytest.raises(LatentflowError, match="solver 'meanflow': meanflow jumps need a model trained with"):
         SamplerSettings.resolve(SamplerSettings(), solver="meanflow")  # a cfm model keeps every ODE solver
+    learnt = SamplerSettings(solver="meanflow", steps=1, cfg_scale=1.5, objective="meanflow", guidance_range=[1, 2.5])
+    assert [SamplerSettings.resolve(learnt, cfg_scale=s).cfg_scale for s in (1, 2.5, 0)] == [1, 2.5, 0]
+    with pytest.raises(
+        LatentflowError, match=r"--cfg-scale 3.0: this model learnt guidance scales from 1 to 2.5 \(flow"
+    ):
+        SamplerSettings.resolve(learnt, cfg_scale=3.0, names={"cfg_scale": "--cfg-scale"})
 
 
 def test_one_jump_with_a_two_time_model_is_one_evaluation(tiny_vae_dir):
@@ -124,6 +130,19 @@ def test_one_jump_with_a_two_time_model_is_one_evaluation(tiny_vae_dir):
     one = sample_images(m, vae, (4, 8, 8), [1, 2], solver="meanflow", steps=1, cfg_scale=1.5, seed=3)
     two = sample_images(m, vae, (4, 8, 8), [1, 2], solver="meanflow", steps=2, cfg_scale=1.5, seed=3)
     assert one.nfe == 1 and two.nfe == 2 and one.images.shape == (2, 32, 32, 1)
+
+
+def test_a_model_that_learnt_guidance_samples_at_the_scale_asked_for(tiny_vae_dir):
+    torch.manual_seed(0)
+    m = create_model("DiT-Nano/2", sample_size=8, in_channels=4, num_classes=10, two_times=True, guidance_range=[1, 3])
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    vae = FrozenVAE.from_pretrained(str(tiny_vae_dir))
+    draw = lambda s: sample_images(m.eval(), vae, (4, 8, 8), [1, 2], solver="meanflow", steps=1, cfg_scale=s, seed=3)
+    low, high = draw(1.2).latents, draw(2.8).latents
+    assert not torch.allclose(low, high)  # the scale reaches the model
+    assert torch.equal(draw(1.2).latents, low)
 
 
 def test_labels_are_read_one_way_everywhere():

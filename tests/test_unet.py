@@ -83,3 +83,20 @@ def test_a_second_time_input_only_for_average_velocity_models(tmp_path):
     again = model_from_config("UNet", dict(UNet.load_config(tmp_path / "m")))
     again.load_state_dict(two.state_dict())
     torch.testing.assert_close(again.eval()(x, t, y, gap=t), two(x, t, y, gap=t))
+
+
+def test_guidance_as_an_input_joins_the_label_and_the_gap(tmp_path):
+    torch.manual_seed(0)
+    two = create_model("UNet-S", sample_size=8, in_channels=4, num_classes=10, two_times=True)
+    torch.manual_seed(0)
+    guided = create_model("UNet-S", sample_size=8, in_channels=4, num_classes=10, two_times=True, guidance_range=[1, 2])
+    assert all(torch.equal(v, guided.state_dict()[k]) for k, v in two.state_dict().items())  # built last
+    guided = perturbed(two_times=True, guidance_range=[1, 2])
+    x, t, y, gap = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 10]), torch.full((3,), 0.5)
+    torch.testing.assert_close(guided(x, t, y, gap=gap), guided(x, t, y, gap=gap, guidance=torch.ones(3)))
+    assert not torch.allclose(guided(x, t, y, gap=gap, guidance=torch.full((3,), 2.0)), guided(x, t, y, gap=gap))
+    guided.save_pretrained(tmp_path / "m")
+    again = model_from_config("UNet", dict(UNet.load_config(tmp_path / "m")))
+    again.load_state_dict(guided.state_dict())
+    s = torch.tensor([1.5, 2.0, 1.0])
+    torch.testing.assert_close(again.eval()(x, t, y, gap=gap, guidance=s), guided(x, t, y, gap=gap, guidance=s))

@@ -3,8 +3,9 @@ an experiment's ``model.name`` picks one, and the config's choices come from thi
 adding a size or a backbone is one ``register`` call.
 
 Every backbone is a diffusers ``ModelMixin`` + ``ConfigMixin`` with the same contract,
-``forward(x, t, y=None, gap=None)``: latents (B, C, H, W), times (B,) in [0, 1], labels (B,)
-or None, and for models built with ``two_times`` the gap (B,) to an end time; and a
+``forward(x, t, y=None, gap=None, guidance=None)``: latents (B, C, H, W), times (B,) in
+[0, 1], labels (B,) or None; for models built with ``two_times`` the gap (B,) to an end time,
+and for those built with a ``guidance_range`` the guidance scale (B,) as an input; and a
 ``null_label`` attribute for classifier-free guidance. Its config records everything needed
 to rebuild it, so checkpoints and exports describe themselves.
 """
@@ -12,11 +13,11 @@ to rebuild it, so checkpoints and exports describe themselves.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Type
+from typing import Any, Dict, List, Optional, Type
 
 import torch.nn as nn
 
-__all__ = ["MODELS", "MODEL_CLASSES", "Preset", "create_model", "model_from_config", "register"]
+__all__ = ["MODELS", "MODEL_CLASSES", "Preset", "check_inputs", "create_model", "model_from_config", "register"]
 
 
 @dataclass(frozen=True)
@@ -38,18 +39,38 @@ def register(name: str, cls: Type[nn.Module], **kwargs) -> None:
 
 
 def create_model(
-    name: str, *, sample_size: int, in_channels: int, num_classes: int, two_times: bool = False
+    name: str,
+    *,
+    sample_size: int,
+    in_channels: int,
+    num_classes: int,
+    two_times: bool = False,
+    guidance_range: Optional[List[float]] = None,
 ) -> nn.Module:
     """Build preset ``name`` for latents of ``in_channels`` x ``sample_size`` x ``sample_size``
     and ``num_classes`` classes (0: unconditional); ``two_times`` adds the second time input
-    (the gap to the end time) that average-velocity models take."""
+    (the gap to the end time) that average-velocity models take, and ``guidance_range``
+    ``[lo, hi]`` the guidance scale as a third input, learnt over that range."""
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; registered: {', '.join(MODELS)}")
     preset = MODELS[name]
     extra = {"two_times": True} if two_times else {}
+    if guidance_range is not None:
+        extra["guidance_range"] = [float(v) for v in guidance_range]
     return preset.cls(
         sample_size=sample_size, in_channels=in_channels, num_classes=num_classes, **preset.kwargs, **extra
     )
+
+
+def check_inputs(two_times: bool, guidance_range: Optional[List[float]]) -> None:
+    """A backbone's extra inputs: guidance as an input belongs to average-velocity models,
+    whose guidance is otherwise a training constant."""
+    if guidance_range is None:
+        return
+    if not two_times:
+        raise ValueError("guidance_range is for average-velocity models (two_times=True)")
+    if len(guidance_range) != 2 or not 0 <= guidance_range[0] < guidance_range[1]:
+        raise ValueError(f"guidance_range must be [lo, hi] with 0 <= lo < hi, got {list(guidance_range)}")
 
 
 def model_from_config(class_name: str, config: Dict[str, Any]) -> nn.Module:

@@ -17,7 +17,7 @@ constructor arguments and safetensors weights, ``from_pretrained`` rebuilds it.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -27,7 +27,7 @@ from einops import rearrange
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention
 
-from . import register
+from . import check_inputs, register
 
 __all__ = ["DiT", "DIT_PRESETS", "sincos_pos_embed_2d", "timestep_embedding"]
 
@@ -129,8 +129,10 @@ class DiT(ModelMixin, ConfigMixin):
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
         two_times: bool = False,
+        guidance_range: Optional[List[float]] = None,
     ):
         super().__init__()
+        check_inputs(two_times, guidance_range)
         if sample_size % patch_size:
             raise ValueError(
                 f"patch size {patch_size} does not divide the latent size {sample_size}; "
@@ -160,6 +162,12 @@ class DiT(ModelMixin, ConfigMixin):
             # model of the same seed draws
             self.h_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
             _init_time_embedder(self.h_embedder)
+        self.w_embedder = None
+        if guidance_range is not None:
+            # guidance as an input (improved MeanFlow): the scale s, embedded as s - 1 so that
+            # 0 is "unguided"; built last, for the same reason as the gap's
+            self.w_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
+            _init_time_embedder(self.w_embedder)
 
     def initialize_weights(self) -> None:
         def xavier(m):
@@ -182,17 +190,25 @@ class DiT(ModelMixin, ConfigMixin):
             nn.init.zeros_(layer.bias)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, gap: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: Optional[torch.Tensor] = None,
+        gap: Optional[torch.Tensor] = None,
+        guidance: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """x: (B, C, H, W) latents, t: (B,) times in [0, 1], y: (B,) labels or None; for a
         ``two_times`` model, gap: (B,) the span to the end time (None: 0, the instantaneous
-        velocity)."""
+        velocity); for a model built with a ``guidance_range``, guidance: (B,) the scale each
+        sample is guided at (None: 1, unguided)."""
         if y is None:
             y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
         h = self.x_embedder(x) + self.pos_embed  # (B, N, D), N = (H/p)*(W/p)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         if self.h_embedder is not None:
             c = c + self.h_embedder(torch.zeros_like(t) if gap is None else gap)
+        if self.w_embedder is not None:
+            c = c + self.w_embedder(torch.zeros_like(t) if guidance is None else guidance - 1)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 h = self._gradient_checkpointing_func(block, h, c)  # recomputed in backward

@@ -10,14 +10,14 @@ velocity, as the DiT's adaLN-Zero does.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from diffusers import ConfigMixin, ModelMixin, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 
-from . import register
+from . import check_inputs, register
 
 __all__ = ["UNet", "UNET_PRESETS"]
 
@@ -38,8 +38,10 @@ class UNet(ModelMixin, ConfigMixin):
         attention_levels: Sequence[bool] = (False, True),
         attention_head_dim: int = 32,
         two_times: bool = False,
+        guidance_range: Optional[List[float]] = None,
     ):
         super().__init__()
+        check_inputs(two_times, guidance_range)
         levels = len(block_out_channels)
         if sample_size % 2 ** (levels - 1):
             raise ValueError(
@@ -63,29 +65,38 @@ class UNet(ModelMixin, ConfigMixin):
         )
         nn.init.zeros_(self.unet.conv_out.weight)  # zero velocity at the start
         nn.init.zeros_(self.unet.conv_out.bias)
-        if two_times:  # average-velocity models: the gap joins the label in the class embedding
-            self.unet.class_embedding = _LabelAndGap(self.unet.class_embedding, block_out_channels[0])
+        if two_times:  # average-velocity models: the gap (and the scale) join the label's embedding
+            embedding = _LabelAndGap(self.unet.class_embedding, block_out_channels[0], guidance_range is not None)
+            self.unet.class_embedding = embedding
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None, gap: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: Optional[torch.Tensor] = None,
+        gap: Optional[torch.Tensor] = None,
+        guidance: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """x: (B, C, H, W) latents, t: (B,) times in [0, 1], y: (B,) labels or None; for a
-        ``two_times`` model, gap: (B,) the span to the end time (None: 0)."""
+        ``two_times`` model, gap: (B,) the span to the end time (None: 0); for a model built
+        with a ``guidance_range``, guidance: (B,) each sample's scale (None: 1, unguided)."""
         if y is None:
             y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
         if not isinstance(self.unet.class_embedding, _LabelAndGap):
             return self.unet(x, t * 1000.0, class_labels=y).sample  # (B, C, H, W)
         # an average-velocity model: times at unit scale (see the DiT), the gap beside the label
         self.unet.class_embedding.gap = torch.zeros_like(t) if gap is None else gap
+        self.unet.class_embedding.guidance = torch.zeros_like(t) if guidance is None else guidance - 1
         return self.unet(x, t, class_labels=y).sample
 
 
 class _LabelAndGap(nn.Module):
     """The UNet's class embedding plus an embedding of the gap ``t - r`` (sinusoidal features,
-    then an MLP, as the UNet embeds its time). ``UNet.forward`` sets ``gap``
-    before each call, since ``UNet2DModel`` passes only the labels through."""
+    then an MLP, as the UNet embeds its time), and with ``guided`` one of the guidance scale
+    less 1 (0: unguided). ``UNet.forward`` sets ``gap`` and ``guidance`` before each call,
+    since ``UNet2DModel`` passes only the labels through."""
 
-    def __init__(self, labels: nn.Embedding, channels: int):
+    def __init__(self, labels: nn.Embedding, channels: int, guided: bool = False):
         super().__init__()
         from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
@@ -93,10 +104,15 @@ class _LabelAndGap(nn.Module):
         self.features = Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.mlp = TimestepEmbedding(channels, labels.embedding_dim)
         self.gap: Optional[torch.Tensor] = None
+        self.scale_mlp = TimestepEmbedding(channels, labels.embedding_dim) if guided else None
+        self.guidance: Optional[torch.Tensor] = None
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        gap = self.features(self.gap).to(self.mlp.linear_1.weight.dtype)
-        return self.labels(y) + self.mlp(gap)
+        dtype = self.mlp.linear_1.weight.dtype
+        out = self.labels(y) + self.mlp(self.features(self.gap).to(dtype))
+        if self.scale_mlp is not None:
+            out = out + self.scale_mlp(self.features(self.guidance).to(dtype))
+        return out
 
 
 # name -> (block_out_channels, layers_per_block, attention at each level). Two levels fit the

@@ -38,7 +38,8 @@ def training_loss(
     Shared by training and the benchmark.
 
     ``flow.objective`` picks the loss: CFM, or the average velocity (MeanFlow), for which
-    ``cfg_scale`` is the guidance built into the target and ``step`` paces the curriculum."""
+    ``cfg_scale`` is the guidance built into the target (unless ``flow.guidance_range`` makes
+    it an input of the model, drawn per pair) and ``step`` paces the curriculum."""
     x0 = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)  # (B, c, h, w) noise
     times = dict(
         scheme=flow.time_sampler,
@@ -59,27 +60,37 @@ def training_loss(
 def _meanflow(model, x0, x1, labels, flow, class_dropout, null_label, generator, cfg_scale, step, times):
     max_gap = min(1.0, step / flow.gap_warmup_steps) if flow.gap_warmup_steps else 1.0
     jumps = dict(jump_share=flow.jump_share, jump_steps=flow.jump_steps)
-    r, t = sample_two_times(x1.shape[0], flow.equal_times, max_gap, **jumps, **times)  # (B,) each, r <= t
+    n = x1.shape[0]
+    r, t = sample_two_times(n, flow.equal_times, max_gap, **jumps, **times)  # (B,) each, r <= t
     y = drop_labels(labels, class_dropout, null_label, generator)
     v = target_velocity(x0, x1, flow.sigma_min)  # (B, c, h, w) the conditional velocity at r
     guided = y != null_label  # (B,)
-    guide = cfg_scale != 1 and bool(guided.any())
+    scale, inputs = cfg_scale, {}  # the guidance scale; as a model input, one per pair
+    if flow.guidance_range is not None:  # drawn only when asked for: other runs keep their streams
+        lo, hi = flow.guidance_range
+        drawn = lo + (hi - lo) * torch.rand(n, device=x1.device, generator=generator)
+        scale = torch.where(guided, drawn, torch.ones_like(drawn))  # (B,) a pair without label: 1
+        inputs = {"guidance": scale}
+    guide = (bool(inputs) or cfg_scale != 1) and bool(guided.any())
     own = None  # the network's instantaneous velocity at r, for improved MeanFlow's tangent
     if guide or flow.tangent == "model":
-        z, n = interpolate(x0, x1, r, flow.sigma_min), x1.shape[0]
-        asked = [y] if flow.tangent == "model" else []
-        asked += [torch.full_like(y, null_label)] if guide else []
+        z = interpolate(x0, x1, r, flow.sigma_min)
+        asked = [(y, scale)] if flow.tangent == "model" else []
+        asked += [(torch.full_like(y, null_label), 1.0)] if guide else []
+        extra = {"guidance": torch.cat([torch.ones_like(r) * s for _, s in asked])} if inputs else {}
         with torch.no_grad():  # one pass over the batch once per label set asked for
-            out = model(z.repeat(len(asked), 1, 1, 1), r.repeat(len(asked)), torch.cat(asked)).to(v.dtype)
+            out = model(z.repeat(len(asked), 1, 1, 1), r.repeat(len(asked)), torch.cat([a for a, _ in asked]), **extra)
+        out = out.to(v.dtype)
         if flow.tangent == "model":
             own = out[:n]
         if guide:
             # guidance folded into the target (MeanFlow, eq. 13): where a label is kept, move
             # with s * v + (1 - s) * v_uncond, the unconditional velocity from the network itself
-            v = torch.where(broadcast_time(guided, v), cfg_scale * v + (1 - cfg_scale) * out[-n:], v)
+            s = broadcast_time(scale, v) if inputs else scale
+            v = torch.where(broadcast_time(guided, v), s * v + (1 - s) * out[-n:], v)
 
     def average(z, r_, t_):
-        return model(z, r_, y, gap=t_ - r_)
+        return model(z, r_, y, gap=t_ - r_, **inputs)
 
     loss, error = forward_mode_attention(
         lambda: meanflow_loss(average, x0, x1, r, t, flow.sigma_min, v=v, tangent=own, power=flow.loss_power),

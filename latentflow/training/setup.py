@@ -54,6 +54,7 @@ def _build_model(cfg: ExperimentConfig, latent_shape, num_classes: int):
             in_channels=latent_shape[0],
             num_classes=num_classes,
             two_times=cfg.flow.objective == "meanflow",
+            guidance_range=cfg.flow.guidance_range,
         )
     except ValueError as exc:
         raise LatentflowError(f"model.name {cfg.model.name}: {exc}") from None

@@ -84,6 +84,8 @@ MEANFLOW = (
     "flow.gap_warmup_steps=6",  # the curriculum spans the resume
     "sampler.solver=meanflow",
     "sampler.steps=1",
+    "flow.guidance_range=[1, 2.5]",  # guidance as an input, as the experiment has it
+    "sampler.cfg_scale=2",
 )
 
 

@@ -17,9 +17,9 @@ from tests.conftest import torchrun
 HERE = Path(__file__).resolve().parent
 
 
-def two_time_dit(name="DiT-Nano/2"):
+def two_time_dit(name="DiT-Nano/2", **kw):
     torch.manual_seed(0)
-    model = create_model(name, sample_size=8, in_channels=4, num_classes=10, two_times=True)
+    model = create_model(name, sample_size=8, in_channels=4, num_classes=10, two_times=True, **kw)
     with torch.no_grad():  # off the zero-initialised output, so every weight gets gradients
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -88,3 +88,26 @@ def test_the_training_loss_learns_with_guidance_and_the_curriculum(tangent):
         opt.zero_grad()
         errors.append(float(error.detach().mean()))
     assert all(torch.isfinite(torch.tensor(errors))) and min(errors[-5:]) < errors[0]
+
+
+def test_with_a_guidance_range_each_pair_is_guided_at_its_own_scale_and_the_model_is_told_it():
+    flow = FlowConfig(objective="meanflow", tangent="model", time_sampler="uniform", guidance_range=[1.0, 3.0])
+    model = two_time_dit(guidance_range=[1.0, 3.0])
+    calls = []
+
+    def recording(z, r, y, **inputs):
+        calls.append((y, inputs))
+        return model(z, r, y, **inputs)
+
+    g = torch.Generator().manual_seed(0)
+    x1, labels = torch.randn(32, 4, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+    loss, _, _ = training_loss(recording, x1, labels, flow, 0.3, 10, g, cfg_scale=2.0, step=0)
+    (passes, first), (jvp, second) = calls[0], calls[-1]  # the pass without gradient, the derivative's
+    own, scale = passes[:32], first["guidance"][:32]
+    assert torch.equal(own, jvp) and torch.equal(second["guidance"], scale)  # the same scale both times
+    kept = own != 10
+    assert 0 < int(kept.sum()) < 32  # some labels dropped, some kept
+    assert bool((scale[~kept] == 1).all())  # a pair without label is unguided
+    assert bool(((scale[kept] >= 1) & (scale[kept] <= 3)).all()) and len(set(scale[kept].tolist())) == int(kept.sum())
+    assert bool((passes[32:] == 10).all()) and bool((first["guidance"][32:] == 1).all())  # the unconditional pass
+    assert torch.isfinite(loss).all()
