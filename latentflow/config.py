@@ -174,9 +174,14 @@ class FlowConfig:
     a range of scales the model takes as an input: guidance_range)."""
     equal_times: float = 0.75
     """meanflow: share of training pairs (r, t) with r = t, where the loss is plain CFM."""
+    instant_steps: int = 0
+    """meanflow: optimizer steps of plain flow matching first (every pair r = t, guidance
+    still built in, no derivative pass, so each costs about half a MeanFlow step); the
+    gaps open after them."""
     gap_warmup_steps: int = 0
     """meanflow: optimizer steps over which the largest gap t - r widens from 0 to 1 (a
-    curriculum: the instantaneous velocity first); 0: every gap from the start."""
+    curriculum: the instantaneous velocity first), counted from the end of instant_steps;
+    0: every gap from the start."""
     loss_power: float = 1.0
     """meanflow: the loss weighs each sample's squared error by 1 / (error + 1e-3)^power
     (adaptive weighting; 0: plain mean squared error)."""
@@ -206,11 +211,12 @@ class FlowConfig:
         _choice("flow.objective", self.objective, ("cfm", "meanflow"))
         _choice("flow.tangent", self.tangent, ("conditional", "model"))
         _unit_interval("flow.equal_times", self.equal_times)
-        if self.gap_warmup_steps < 0 or self.loss_power < 0:
+        if min(self.instant_steps, self.gap_warmup_steps, self.loss_power) < 0:
             raise ConfigError(
-                f"flow.gap_warmup_steps and flow.loss_power must be >= 0, got {self.gap_warmup_steps}, "
-                f"{self.loss_power}"
+                "flow.instant_steps, flow.gap_warmup_steps and flow.loss_power must be >= 0, got "
+                f"{self.instant_steps}, {self.gap_warmup_steps}, {self.loss_power}"
             )
+        _at_most("flow.instant_steps", self.instant_steps, 2**31, "steps")
         _at_most("flow.gap_warmup_steps", self.gap_warmup_steps, 2**31, "steps")
         _at_most("flow.loss_power", self.loss_power, 4, "as an exponent")
         _unit_interval("flow.jump_share", self.jump_share)

@@ -229,15 +229,19 @@ def meanflow_loss(
     ``z`` (default: the conditional ``x1 - (1 - σ_min) x0``; a guided one for classifier-free
     guidance folded into training). ``tangent`` is the direction ``z`` moves in ``d/dr u``
     (default: ``v``; the network's own velocity for improved MeanFlow, computed by the caller
-    without gradient). The target ``v + (t - r) d/dr u`` carries no gradient;
+    without gradient). The target ``v + (t - r) d/dr u`` carries no gradient (where every
+    pair has ``r = t`` it is ``v``, and the derivative pass is skipped);
     the loss is the squared error weighted by ``1 / (error + eps)^power`` (the paper's
     adaptive weighting, also without gradient; ``power = 0``: plain MSE).
     """
     z = interpolate(x0, x1, r, sigma_min)  # (B, C, H, W) the point at time r
     v = target_velocity(x0, x1, sigma_min) if v is None else v
-    dz = v if tangent is None else tangent
-    u, dudr = time_derivative(lambda z_, r_: average(z_, r_, t), z, r, dz.to(z.dtype))
-    target = meanflow_target(v.float(), dudr.float(), r, t)
+    if bool((t == r).all()):  # no gap: the target is v itself, and no derivative is needed
+        u, target = average(z, r, t), v.float()
+    else:
+        dz = v if tangent is None else tangent
+        u, dudr = time_derivative(lambda z_, r_: average(z_, r_, t), z, r, dz.to(z.dtype))
+        target = meanflow_target(v.float(), dudr.float(), r, t)
     error = (u.float() - target).pow(2).flatten(1).mean(dim=1)  # (B,)
     weight = (error.detach() + eps).pow(-power) if power else torch.ones_like(error)
     return weight * error, error

@@ -127,6 +127,8 @@ def test_an_average_velocity_objective_goes_with_jumps_and_its_settings_are_chec
         load_config("meanflow", ["flow.equal_times=1.5"])
     with pytest.raises(ConfigError, match="flow.objective"):
         load_config("default", ["flow.objective=shortcut"])
+    with pytest.raises(ConfigError, match="flow.instant_steps, flow.gap_warmup_steps and flow.loss_power must be >= 0"):
+        load_config("meanflow", ["flow.instant_steps=-1"])
     assert load_config("meanflow", ["flow.guidance_range=[1, 2.5]"]).flow.guidance_range == [1.0, 2.5]
     with pytest.raises(ConfigError, match="flow.guidance_range is for flow.objective meanflow"):
         load_config("default", ["flow.guidance_range=[1, 2]"])

@@ -241,8 +241,8 @@ DIT_PRESETS = {
     "L": (24, 1024, 16),
     "B": (12, 768, 12),
     "S": (12, 384, 6),
-    "Mini": (6, 256, 4),  # ~7 M parameters: the embedded MNIST default
-    "Tiny": (4, 128, 4),
+    "Mini": (6, 256, 4),  # ~7 M parameters
+    "Tiny": (4, 128, 4),  # ~1.3 M parameters: the embedded MNIST default (DiT-Tiny/2)
     "Nano": (2, 64, 2),  # tests and smoke runs
 }
 

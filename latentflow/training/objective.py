@@ -58,10 +58,12 @@ def training_loss(
 
 
 def _meanflow(model, x0, x1, labels, flow, class_dropout, null_label, generator, cfg_scale, step, times):
-    max_gap = min(1.0, step / flow.gap_warmup_steps) if flow.gap_warmup_steps else 1.0
+    instant = step < flow.instant_steps  # plain flow matching first: every r = t
+    opened = step - flow.instant_steps  # steps since the gaps opened
+    max_gap = min(1.0, max(opened, 0) / flow.gap_warmup_steps) if flow.gap_warmup_steps else 1.0
     jumps = dict(jump_share=flow.jump_share, jump_steps=flow.jump_steps)
     n = x1.shape[0]
-    r, t = sample_two_times(n, flow.equal_times, max_gap, **jumps, **times)  # (B,) each, r <= t
+    r, t = sample_two_times(n, 1.0 if instant else flow.equal_times, max_gap, **jumps, **times)  # (B,) each
     y = drop_labels(labels, class_dropout, null_label, generator)
     v = target_velocity(x0, x1, flow.sigma_min)  # (B, c, h, w) the conditional velocity at r
     guided = y != null_label  # (B,)
@@ -73,15 +75,16 @@ def _meanflow(model, x0, x1, labels, flow, class_dropout, null_label, generator,
         inputs = {"guidance": scale}
     guide = (bool(inputs) or cfg_scale != 1) and bool(guided.any())
     own = None  # the network's instantaneous velocity at r, for improved MeanFlow's tangent
-    if guide or flow.tangent == "model":
+    tangent = flow.tangent == "model" and not instant  # with every r = t, no derivative needs it
+    if guide or tangent:
         z = interpolate(x0, x1, r, flow.sigma_min)
-        asked = [(y, scale)] if flow.tangent == "model" else []
+        asked = [(y, scale)] if tangent else []
         asked += [(torch.full_like(y, null_label), 1.0)] if guide else []
         extra = {"guidance": torch.cat([torch.ones_like(r) * s for _, s in asked])} if inputs else {}
         with torch.no_grad():  # one pass over the batch once per label set asked for
             out = model(z.repeat(len(asked), 1, 1, 1), r.repeat(len(asked)), torch.cat([a for a, _ in asked]), **extra)
         out = out.to(v.dtype)
-        if flow.tangent == "model":
+        if tangent:
             own = out[:n]
         if guide:
             # guidance folded into the target (MeanFlow, eq. 13): where a label is kept, move

@@ -81,7 +81,8 @@ def test_an_epoch_runs_every_step_and_moves_the_ema(make_trainer):
 MEANFLOW = (
     "flow.objective=meanflow",
     "flow.tangent=model",
-    "flow.gap_warmup_steps=6",  # the curriculum spans the resume
+    "flow.instant_steps=2",  # plain flow matching for the first two steps
+    "flow.gap_warmup_steps=6",  # then the curriculum, spanning the resume
     "sampler.solver=meanflow",
     "sampler.steps=1",
     "flow.guidance_range=[1, 2.5]",  # guidance as an input, as the experiment has it

@@ -111,3 +111,28 @@ def test_with_a_guidance_range_each_pair_is_guided_at_its_own_scale_and_the_mode
     assert bool(((scale[kept] >= 1) & (scale[kept] <= 3)).all()) and len(set(scale[kept].tolist())) == int(kept.sum())
     assert bool((passes[32:] == 10).all()) and bool((first["guidance"][32:] == 1).all())  # the unconditional pass
     assert torch.isfinite(loss).all()
+
+
+def test_instant_steps_train_plain_flow_matching_without_a_derivative_then_the_gaps_open():
+    import torch.autograd.forward_ad as fwAD
+
+    flow = FlowConfig(objective="meanflow", tangent="model", equal_times=0.1, instant_steps=3, gap_warmup_steps=2)
+    model = two_time_dit()
+    calls = []
+
+    def recording(z, r, y, gap=None, **inputs):
+        calls.append((len(y), fwAD.unpack_dual(z).tangent is not None, gap))
+        return model(z, r, y, gap=gap, **inputs)
+
+    g = torch.Generator().manual_seed(0)
+    x1, labels = torch.randn(16, 4, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    for step, opened in [(0, False), (2, False), (3, False), (4, True)]:
+        calls.clear()
+        loss, r, error = training_loss(recording, x1, labels, flow, 0.1, 10, g, cfg_scale=1.5, step=step)
+        assert torch.isfinite(loss).all()
+        (guidance, _, _), (_, dual, gap) = calls[0], calls[-1]  # the pass without gradient, the loss's
+        if step < 3:  # every r = t: no tangent pass (the guidance pass is the unconditional one alone)
+            assert guidance == 16 and not dual and bool((gap == 0).all())
+        else:  # the model's tangent joins the guidance pass; the derivative runs once a gap is open
+            assert guidance == 32 and dual == opened and bool((gap > 0).any()) == opened
+            assert float(gap.max()) <= (step - 3) / 2  # the curriculum counts from the end of the phase
