@@ -222,6 +222,7 @@ def meanflow_loss(
     tangent: Optional[torch.Tensor] = None,
     power: float = 1.0,
     eps: float = 1e-3,
+    derivative: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-sample MeanFlow loss and plain squared error, each (B,).
 
@@ -229,14 +230,15 @@ def meanflow_loss(
     ``z`` (default: the conditional ``x1 - (1 - σ_min) x0``; a guided one for classifier-free
     guidance folded into training). ``tangent`` is the direction ``z`` moves in ``d/dr u``
     (default: ``v``; the network's own velocity for improved MeanFlow, computed by the caller
-    without gradient). The target ``v + (t - r) d/dr u`` carries no gradient (where every
-    pair has ``r = t`` it is ``v``, and the derivative pass is skipped);
+    without gradient). The target ``v + (t - r) d/dr u`` carries no gradient
+    (``derivative=False``, for batches whose every pair has ``r = t``: the target is ``v``
+    and the forward-mode pass is skipped);
     the loss is the squared error weighted by ``1 / (error + eps)^power`` (the paper's
     adaptive weighting, also without gradient; ``power = 0``: plain MSE).
     """
     z = interpolate(x0, x1, r, sigma_min)  # (B, C, H, W) the point at time r
     v = target_velocity(x0, x1, sigma_min) if v is None else v
-    if bool((t == r).all()):  # no gap: the target is v itself, and no derivative is needed
+    if not derivative:  # every r = t: the target is v itself
         u, target = average(z, r, t), v.float()
     else:
         dz = v if tangent is None else tangent

@@ -64,6 +64,9 @@ def _meanflow(model, x0, x1, labels, flow, class_dropout, null_label, generator,
     jumps = dict(jump_share=flow.jump_share, jump_steps=flow.jump_steps)
     n = x1.shape[0]
     r, t = sample_two_times(n, 1.0 if instant else flow.equal_times, max_gap, **jumps, **times)  # (B,) each
+    # no gap anywhere, decided by the step alone so that every rank and a resumed run agree:
+    # the target is the velocity itself, and neither the tangent nor the derivative is needed
+    gapless = instant or max_gap == 0 or flow.equal_times >= 1
     y = drop_labels(labels, class_dropout, null_label, generator)
     v = target_velocity(x0, x1, flow.sigma_min)  # (B, c, h, w) the conditional velocity at r
     guided = y != null_label  # (B,)
@@ -75,7 +78,7 @@ def _meanflow(model, x0, x1, labels, flow, class_dropout, null_label, generator,
         inputs = {"guidance": scale}
     guide = (bool(inputs) or cfg_scale != 1) and bool(guided.any())
     own = None  # the network's instantaneous velocity at r, for improved MeanFlow's tangent
-    tangent = flow.tangent == "model" and not instant  # with every r = t, no derivative needs it
+    tangent = flow.tangent == "model" and not gapless
     if guide or tangent:
         z = interpolate(x0, x1, r, flow.sigma_min)
         asked = [(y, scale)] if tangent else []
@@ -95,10 +98,11 @@ def _meanflow(model, x0, x1, labels, flow, class_dropout, null_label, generator,
     def average(z, r_, t_):
         return model(z, r_, y, gap=t_ - r_, **inputs)
 
-    loss, error = forward_mode_attention(
-        lambda: meanflow_loss(average, x0, x1, r, t, flow.sigma_min, v=v, tangent=own, power=flow.loss_power),
-        x1.device.type,
-    )
+    def loss_of():
+        kw = dict(v=v, tangent=own, power=flow.loss_power, derivative=not gapless)
+        return meanflow_loss(average, x0, x1, r, t, flow.sigma_min, **kw)
+
+    loss, error = loss_of() if gapless else forward_mode_attention(loss_of, x1.device.type)
     return loss, r, error
 
 

@@ -131,8 +131,18 @@ def test_instant_steps_train_plain_flow_matching_without_a_derivative_then_the_g
         loss, r, error = training_loss(recording, x1, labels, flow, 0.1, 10, g, cfg_scale=1.5, step=step)
         assert torch.isfinite(loss).all()
         (guidance, _, _), (_, dual, gap) = calls[0], calls[-1]  # the pass without gradient, the loss's
-        if step < 3:  # every r = t: no tangent pass (the guidance pass is the unconditional one alone)
+        if not opened:  # every r = t (step 3: the gaps open, at width 0): no tangent pass, no derivative
             assert guidance == 16 and not dual and bool((gap == 0).all())
-        else:  # the model's tangent joins the guidance pass; the derivative runs once a gap is open
-            assert guidance == 32 and dual == opened and bool((gap > 0).any()) == opened
+        else:  # the model's tangent joins the guidance pass, and the derivative runs
+            assert guidance == 32 and dual and bool((gap > 0).any())
             assert float(gap.max()) <= (step - 3) / 2  # the curriculum counts from the end of the phase
+
+
+def test_without_gaps_the_loss_skips_the_derivative_and_equals_the_full_one():
+    model = two_time_dit()
+    x0, x1, r, _, y = batch()
+    average = lambda z, r_, t_: model(z, r_, y, gap=t_ - r_)
+    full = forward_mode_attention(lambda: meanflow_loss(average, x0, x1, r, r, 1e-3), "cpu")
+    skipped = meanflow_loss(average, x0, x1, r, r, 1e-3, derivative=False)
+    for a, b in zip(full, skipped):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
