@@ -99,8 +99,9 @@ def _meanflow(model, x0, x1, labels, flow, class_dropout, null_label, generator,
         return model(z, r_, y, gap=t_ - r_, **inputs)
 
     def loss_of():
-        kw = dict(v=v, tangent=own, power=flow.loss_power, derivative=not gapless)
-        return meanflow_loss(average, x0, x1, r, t, flow.sigma_min, **kw)
+        return meanflow_loss(
+            average, x0, x1, r, t, flow.sigma_min, v=v, tangent=own, power=flow.loss_power, derivative=not gapless
+        )
 
     loss, error = loss_of() if gapless else forward_mode_attention(loss_of, x1.device.type)
     return loss, r, error
