@@ -116,3 +116,23 @@ def test_guidance_as_an_input_only_for_average_velocity_models_that_ask(tmp_path
         small(guidance_range=[1.0, 2.0])
     with pytest.raises(ValueError, match=r"guidance_range must be \[lo, hi\] with 0 <= lo < hi, got \[2.0, 1.0\]"):
         small(two_times=True, guidance_range=[2.0, 1.0])
+
+
+def test_on_a_cpu_the_composite_attention_runs_and_agrees_with_the_fused_kernel():
+    """On a CPU the DiT runs timm's composite attention (the fused kernel trains 2x slower
+    there in bf16 and has no forward-mode rule); both paths compute the same function, and
+    the bench can still ask for the fused one."""
+    import torch.autograd.forward_ad as fwAD
+
+    model = perturbed(small(two_times=True))
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 10])
+    composite = model(x, t, y)
+    assert not any(block.attn.fused_attn for block in model.blocks)
+    model.fused_attention = True
+    fused = model(x, t, y)
+    assert all(block.attn.fused_attn for block in model.blocks)
+    torch.testing.assert_close(composite, fused)
+    model.fused_attention = None
+    with fwAD.dual_level():  # forward mode through the default path, with no fallback needed
+        out = model(fwAD.make_dual(x, torch.randn_like(x)), t, y, gap=1 - t)
+        assert fwAD.unpack_dual(out).tangent.abs().max() > 0

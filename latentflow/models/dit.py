@@ -142,6 +142,7 @@ class DiT(ModelMixin, ConfigMixin):
         self.null_label = num_classes  # the extra embedding row used for "no label"
         self.grid = sample_size // patch_size
         self.gradient_checkpointing = False
+        self.fused_attention: Optional[bool] = None  # None: by device (see forward); the bench sets it
 
         self.x_embedder = PatchEmbed(sample_size, patch_size, in_channels, hidden_size, bias=True)
         # An average-velocity model is differentiated in time during training, and DiT's x1000
@@ -209,7 +210,12 @@ class DiT(ModelMixin, ConfigMixin):
             c = c + self.h_embedder(torch.zeros_like(t) if gap is None else gap)
         if self.w_embedder is not None:
             c = c + self.w_embedder(torch.zeros_like(t) if guidance is None else guidance - 1)
+        # PyTorch's fused attention kernel off a CPU; on a CPU timm's composite attention, which
+        # at these lengths trains 2x faster in bf16 (the fused kernel's backward is slow there),
+        # equally fast in fp32, and has forward-mode rules (docs/performance.md)
+        fused = x.device.type != "cpu" if self.fused_attention is None else self.fused_attention
         for block in self.blocks:
+            block.attn.fused_attn = fused
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 h = self._gradient_checkpointing_func(block, h, c)  # recomputed in backward
             else:
