@@ -115,6 +115,7 @@ def setup(
         cfg.train.seed,
         cfg.data.val_fraction,
     )
+    _check_the_gaps_open(cfg, batches.iterations_per_epoch)
     facts = _facts(cfg, raw_model, num_classes, dataset, latent_shape, vae, cache, batches)
     base = run_base_name(cfg.name, options.overrides)
     run_dir = (
@@ -181,6 +182,18 @@ def _check_every_class_trains(cache, num_classes: int, names, origin: str) -> No
         raise LatentflowError(
             f"{origin}: class {', '.join(empty)} has no training image (bad files skipped, or data.max_items); "
             "add images of it, or leave it out with data.class_names"
+        )
+
+
+def _check_the_gaps_open(cfg: ExperimentConfig, steps_per_epoch: int) -> None:
+    """A MeanFlow run whose plain flow-matching phase covers every step never trains a jump:
+    refuse it (the step count depends on the data, so the config alone cannot)."""
+    total = cfg.train.epochs * steps_per_epoch
+    if cfg.flow.objective == "meanflow" and cfg.flow.instant_steps >= total:
+        raise LatentflowError(
+            f"flow.instant_steps={cfg.flow.instant_steps} covers all {total} steps of this run "
+            f"({cfg.train.epochs} epochs of {steps_per_epoch}), so no gap ever opens and one-step "
+            "sampling would be untrained; lower it, or raise train.epochs"
         )
 
 

@@ -8,6 +8,7 @@ import torch
 from latentflow.config import load_config
 from latentflow.console import Console
 from latentflow.distributed import make_accelerator
+from latentflow.errors import LatentflowError
 from latentflow.faults import Faults
 from latentflow.signals import StopRequest
 from latentflow.training.checkpoints import Resume
@@ -105,6 +106,12 @@ def test_an_epoch_end_checkpoint_resumes_bit_for_bit(make_trainer, objective):
         assert torch.equal(a, b)
     for a, b in zip(weights(first.ema.model), weights(resumed.ema.model)):
         assert torch.equal(a, b)
+
+
+def test_a_meanflow_run_whose_plain_phase_covers_every_step_is_refused(make_trainer):
+    with pytest.raises(LatentflowError, match=r"flow.instant_steps=8 covers all 8 steps .*raise train.epochs"):
+        make_trainer("train.epochs=2", *MEANFLOW, "flow.instant_steps=8")
+    assert make_trainer("train.epochs=2", *MEANFLOW, "flow.instant_steps=7").state.step == 0
 
 
 def test_grids_come_every_grid_every_epochs_and_at_the_last(make_trainer):
