@@ -136,3 +136,10 @@ def test_on_a_cpu_the_composite_attention_runs_and_agrees_with_the_fused_kernel(
     with fwAD.dual_level():  # forward mode through the default path, with no fallback needed
         out = model(fwAD.make_dual(x, torch.randn_like(x)), t, y, gap=1 - t)
         assert fwAD.unpack_dual(out).tangent.abs().max() > 0
+
+
+def test_off_a_cpu_the_fused_kernel_is_the_default():
+    with torch.device("meta"):
+        model = small()
+        model(torch.randn(2, 4, 8, 8), torch.rand(2))
+    assert all(block.attn.fused_attn for block in model.blocks)

@@ -187,13 +187,16 @@ def _check_every_class_trains(cache, num_classes: int, names, origin: str) -> No
 
 def _check_the_gaps_open(cfg: ExperimentConfig, steps_per_epoch: int) -> None:
     """A MeanFlow run whose plain flow-matching phase covers every step never trains a jump:
-    refuse it (the step count depends on the data, so the config alone cannot)."""
-    total = cfg.train.epochs * steps_per_epoch
-    if cfg.flow.objective == "meanflow" and cfg.flow.instant_steps >= total:
+    refuse it (the step count depends on the data, so the config alone cannot). With a gap
+    warm-up the step that ends the phase opens the gaps at width 0, so the first gap comes one
+    step later."""
+    flow, total = cfg.flow, cfg.train.epochs * steps_per_epoch
+    first_gap = flow.instant_steps + (1 if flow.gap_warmup_steps else 0)
+    if flow.objective == "meanflow" and first_gap >= total:
         raise LatentflowError(
-            f"flow.instant_steps={cfg.flow.instant_steps} covers all {total} steps of this run "
-            f"({cfg.train.epochs} epochs of {steps_per_epoch}), so no gap ever opens and one-step "
-            "sampling would be untrained; lower it, or raise train.epochs"
+            f"flow.instant_steps={flow.instant_steps} leaves no step with a gap among the {total} steps of "
+            f"this run ({cfg.train.epochs} epochs of {steps_per_epoch}), so one-step sampling would be "
+            f"untrained; lower it below {total - (1 if flow.gap_warmup_steps else 0)}, or raise train.epochs"
         )
 
 

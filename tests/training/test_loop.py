@@ -108,10 +108,14 @@ def test_an_epoch_end_checkpoint_resumes_bit_for_bit(make_trainer, objective):
         assert torch.equal(a, b)
 
 
-def test_a_meanflow_run_whose_plain_phase_covers_every_step_is_refused(make_trainer):
-    with pytest.raises(LatentflowError, match=r"flow.instant_steps=8 covers all 8 steps .*raise train.epochs"):
-        make_trainer("train.epochs=2", *MEANFLOW, "flow.instant_steps=8")
-    assert make_trainer("train.epochs=2", *MEANFLOW, "flow.instant_steps=7").state.step == 0
+def test_a_meanflow_run_whose_plain_phase_covers_every_step_is_refused(make_trainer, tmp_path):
+    """8 steps, a gap warm-up: the step ending the plain phase opens the gaps at width 0, so
+    instant_steps=7 trains no jump either; 6 leaves one step with a gap."""
+    for plain in (8, 7):
+        with pytest.raises(LatentflowError, match=r"instant_steps=\d leaves no step with a gap among the 8 steps"):
+            make_trainer("train.epochs=2", *MEANFLOW, f"flow.instant_steps={plain}")
+    assert not (tmp_path / "runs").exists()  # refused before a run directory exists
+    assert make_trainer("train.epochs=2", *MEANFLOW, "flow.instant_steps=6").state.step == 0
 
 
 def test_grids_come_every_grid_every_epochs_and_at_the_last(make_trainer):
