@@ -18,7 +18,7 @@ from ..flow import (
     target_velocity,
 )
 
-__all__ = ["drop_labels", "forward_mode_attention", "training_loss"]
+__all__ = ["drop_labels", "forward_mode_attention", "gaps_open", "largest_gap", "training_loss"]
 
 
 def drop_labels(labels: torch.Tensor, prob: float, null_label: int, generator: Optional[torch.Generator] = None):
@@ -57,16 +57,29 @@ def training_loss(
     return loss, t, loss
 
 
+def largest_gap(flow, step: int) -> float:
+    """The widest t - r the MeanFlow schedule allows at ``step``: growing from 0 to 1 over
+    ``flow.gap_warmup_steps`` once the ``flow.instant_steps`` of plain flow matching are done
+    (during those, every pair has r = t whatever this says)."""
+    opened = step - flow.instant_steps  # steps since the gaps opened
+    return min(1.0, max(opened, 0) / flow.gap_warmup_steps) if flow.gap_warmup_steps else 1.0
+
+
+def gaps_open(flow, step: int) -> bool:
+    """Whether the schedule lets any pair at ``step`` have r < t: past the plain phase, and
+    past the warm-up's first step, which opens the gaps at width 0."""
+    return step >= flow.instant_steps and largest_gap(flow, step) > 0
+
+
 def _meanflow(model, x0, x1, labels, flow, class_dropout, null_label, generator, cfg_scale, step, times):
     instant = step < flow.instant_steps  # plain flow matching first: every r = t
-    opened = step - flow.instant_steps  # steps since the gaps opened
-    max_gap = min(1.0, max(opened, 0) / flow.gap_warmup_steps) if flow.gap_warmup_steps else 1.0
+    max_gap = largest_gap(flow, step)
     jumps = dict(jump_share=flow.jump_share, jump_steps=flow.jump_steps)
     n = x1.shape[0]
     r, t = sample_two_times(n, 1.0 if instant else flow.equal_times, max_gap, **jumps, **times)  # (B,) each
     # no gap anywhere, decided by the step alone so that every rank and a resumed run agree:
     # the target is the velocity itself, and neither the tangent nor the derivative is needed
-    gapless = instant or max_gap == 0 or flow.equal_times >= 1
+    gapless = not gaps_open(flow, step) or flow.equal_times >= 1
     y = drop_labels(labels, class_dropout, null_label, generator)
     v = target_velocity(x0, x1, flow.sigma_min)  # (B, c, h, w) the conditional velocity at r
     guided = y != null_label  # (B,)

@@ -24,6 +24,7 @@ from ..rng import RankRNG
 from ..runs import new_run_dir, run_base_name
 from ..signals import RunLock
 from .checkpoints import CheckpointManager, Resume
+from .objective import gaps_open
 from .optim import adamw, fused_ok
 from .state import RunOptions, Trainer
 from .tracking import start_trackers
@@ -187,16 +188,13 @@ def _check_every_class_trains(cache, num_classes: int, names, origin: str) -> No
 
 def _check_the_gaps_open(cfg: ExperimentConfig, steps_per_epoch: int) -> None:
     """A MeanFlow run whose plain flow-matching phase covers every step never trains a jump:
-    refuse it (the step count depends on the data, so the config alone cannot). With a gap
-    warm-up the step that ends the phase opens the gaps at width 0, so the first gap comes one
-    step later."""
+    refuse it (the step count depends on the data, so the config alone cannot)."""
     flow, total = cfg.flow, cfg.train.epochs * steps_per_epoch
-    first_gap = flow.instant_steps + (1 if flow.gap_warmup_steps else 0)
-    if flow.objective == "meanflow" and first_gap >= total:
+    if flow.objective == "meanflow" and not gaps_open(flow, total - 1):  # the gaps only ever widen
         raise LatentflowError(
             f"flow.instant_steps={flow.instant_steps} leaves no step with a gap among the {total} steps of "
             f"this run ({cfg.train.epochs} epochs of {steps_per_epoch}), so one-step sampling would be "
-            f"untrained; lower it below {total - (1 if flow.gap_warmup_steps else 0)}, or raise train.epochs"
+            "untrained; lower it, or raise train.epochs"
         )
 
 
