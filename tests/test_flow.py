@@ -179,6 +179,20 @@ def test_the_forward_mode_derivative_matches_finite_differences(gaussian):
     torch.testing.assert_close(dudr, fd, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_difference_derivative_agrees_with_forward_mode(gaussian, dtype):
+    from latentflow.flow import difference_derivative, time_derivative
+
+    z, r, t = (v.to(dtype) for v in gaussian)
+    dz = torch.randn(z.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    f = lambda z_, r_: _exact_average(z_, r_, t, 1e-3)
+    u, exact = time_derivative(f, z, r, dz)
+    u_, dudr = difference_derivative(f, z, r, dz)
+    torch.testing.assert_close(u_, u)
+    assert dudr.dtype == dtype and float(exact.abs().max()) > 1
+    torch.testing.assert_close(dudr, exact, rtol=1e-2, atol=1e-2)  # first order in the step of 1e-3
+
+
 def test_where_r_equals_t_the_meanflow_loss_is_the_cfm_loss(pair):
     from latentflow.flow import meanflow_loss
 

@@ -13,7 +13,8 @@ Configurations (images/s = median over timed windows after warm-up):
       DiT runs timm's composite attention there), the composite one elsewhere
   (f) meanflow  the best of (d) with the average-velocity objective (flow.objective=meanflow: a
       forward-mode derivative pass and a guidance pass), and its cost per step against (d)'s
-      (its GFLOP/s column still counts a cfm step's FLOPs)
+      (its GFLOP/s column still counts a cfm step's FLOPs); then the same with the derivative
+      by a forward difference (flow.derivative=difference: two plain passes)
 
 All use the same loss code as training (``training.objective.training_loss``) and AdamW. Achieved
 GFLOP/s counts the DiT step only, as 3 x the forward FLOPs of ``DiT.flops_per_sample``
@@ -165,20 +166,20 @@ class _Bench:
         m = m.to(self.device)
         return m, torch.optim.AdamW(m.parameters(), lr=1e-4)
 
-    def dit_step(self, m, o, x1, labels, bf16: bool) -> None:
+    def dit_step(self, m, o, x1, labels, bf16: bool, derivative: str = "jvp") -> None:
         jumps = bool(getattr(m, "config", {}).get("two_times"))  # an average-velocity model: MeanFlow's loss
-        flow = replace(self.flow, objective="meanflow") if jumps else self.flow
+        flow = replace(self.flow, objective="meanflow", derivative=derivative) if jumps else self.flow
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             per_sample, _, _ = training_loss(m, x1, labels, flow, 0.1, m.null_label, cfg_scale=1.5 if jumps else 1.0)
         per_sample.mean().backward()
         o.step()
         o.zero_grad(set_to_none=True)
 
-    def cached_step(self, m, o, batch: int, bf16: bool, scale: float) -> Callable[[], None]:
+    def cached_step(self, m, o, batch: int, bf16: bool, scale: float, derivative: str = "jvp") -> Callable[[], None]:
         def step():
             idx = torch.randint(0, len(self.cache_labels), (batch,), device=self.device)
             z = self.cache_mean[idx] + self.cache_std[idx] * torch.randn_like(self.cache_std[idx])  # a posterior sample
-            self.dit_step(m, o, z * scale, self.cache_labels[idx], bf16)
+            self.dit_step(m, o, z * scale, self.cache_labels[idx], bf16, derivative)
 
         return step
 
@@ -254,9 +255,15 @@ def run_bench(s: BenchSettings, device: Optional[torch.device] = None, log: Call
     model.fused_attention = None
     # (f) the MeanFlow objective (forward-mode derivative, guidance pass) at the same batch
     jumper, jopt = bench.new_model(two_times=True)
-    row = bench.record("(f) meanflow objective", batch, precision, bench.cached_step(jumper, jopt, batch, bf16, scale))
-    row["step_cost_vs_cfm"] = best["images_per_s"] / row["images_per_s"]
-    log(f"  a meanflow step costs {row['step_cost_vs_cfm']:.2f}x a cfm step ({best['config']}, same batch)")
+    for derivative in ("jvp", "difference"):
+        step = bench.cached_step(jumper, jopt, batch, bf16, scale, derivative)
+        name = "(f) meanflow objective" + (", difference derivative" if derivative == "difference" else "")
+        row = bench.record(name, batch, precision, step)
+        row["step_cost_vs_cfm"] = best["images_per_s"] / row["images_per_s"]
+        log(
+            f"  a meanflow step ({derivative}) costs {row['step_cost_vs_cfm']:.2f}x a cfm step"
+            f" ({best['config']}, same batch)"
+        )
     if s.compile:
         compiled, copt = bench.new_model()
         bench.record(

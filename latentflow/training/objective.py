@@ -111,12 +111,14 @@ def _meanflow(model, x0, x1, labels, flow, class_dropout, null_label, generator,
     def average(z, r_, t_):
         return model(z, r_, y, gap=t_ - r_, **inputs)
 
-    def loss_of():
-        return meanflow_loss(
-            average, x0, x1, r, t, flow.sigma_min, v=v, tangent=own, power=flow.loss_power, derivative=not gapless
-        )
+    difference = flow.derivative == "difference"
+    options = dict(v=v, tangent=own, power=flow.loss_power, derivative=not gapless, difference=difference)
 
-    loss, error = loss_of() if gapless else forward_mode_attention(loss_of, x1.device.type)
+    def loss_of():
+        return meanflow_loss(average, x0, x1, r, t, flow.sigma_min, **options)
+
+    # only forward-mode autodiff needs an attention kernel that supports it
+    loss, error = loss_of() if gapless or difference else forward_mode_attention(loss_of, x1.device.type)
     return loss, r, error
 
 

@@ -1,7 +1,8 @@
 """Run by tests/training/test_meanflow.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): the
 MeanFlow loss of a DDP-wrapped two-time DiT, with its forward-mode derivative and a
-no-gradient guidance pass, each rank on its half of one seeded batch. Rank 0 saves the
-gradients DDP averaged, for comparison with one process on the whole batch."""
+no-gradient guidance pass, each rank on its half of one seeded batch; then again with the
+derivative by a forward difference (plain passes, one with gradient and one without). Rank 0
+saves the gradients DDP averaged, for comparison with one process on the whole batch."""
 
 import sys
 from pathlib import Path
@@ -19,12 +20,13 @@ from tests.training.test_meanflow import batch, meanflow_grads, two_time_dit
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = DistributedDataParallel(two_time_dit())
     half = [x.chunk(world)[rank] for x in batch()]
-    grads = meanflow_grads(model, model.module, *half)
-    if rank == 0:
-        save_file(grads, str(out / "ddp.safetensors"))
-    del model
+    for difference in (False, True):
+        model = DistributedDataParallel(two_time_dit())
+        grads = meanflow_grads(model, model.module, *half, difference=difference)
+        if rank == 0:
+            save_file(grads, str(out / f"ddp-{'difference' if difference else 'jvp'}.safetensors"))
+        del model
     leave_process_group()
 
 

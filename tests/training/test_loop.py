@@ -87,6 +87,7 @@ MEANFLOW = (
     "sampler.solver=meanflow",
     "sampler.steps=1",
     "flow.guidance_range=[1, 2.5]",  # guidance as an input, as the experiment has it
+    "flow.derivative=difference",  # and its derivative
     "sampler.cfg_scale=2",
 )
 

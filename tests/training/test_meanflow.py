@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from latentflow.config import FlowConfig
-from latentflow.flow import meanflow_loss, time_derivative
+from latentflow.flow import difference_derivative, meanflow_loss, time_derivative
 from latentflow.models import create_model
 from latentflow.training.objective import forward_mode_attention, training_loss
 from tests.conftest import torchrun
@@ -34,14 +34,13 @@ def batch(n=8):
     return x0, x1, r, t, torch.randint(0, 11, (n,), generator=g)
 
 
-def meanflow_grads(model, raw, x0, x1, r, t, y):
+def meanflow_grads(model, raw, x0, x1, r, t, y, difference=False):
     """Gradients of the mean MeanFlow loss (with a guidance pass without gradient first, as
     training makes one), keyed by parameter name."""
     with torch.no_grad():
         model(x0, r, torch.full_like(y, 10))
-    loss, _ = forward_mode_attention(
-        lambda: meanflow_loss(lambda z, r_, t_: model(z, r_, y, gap=t_ - r_), x0, x1, r, t, 1e-3), "cpu"
-    )
+    average = lambda z, r_, t_: model(z, r_, y, gap=t_ - r_)
+    loss, _ = forward_mode_attention(lambda: meanflow_loss(average, x0, x1, r, t, 1e-3, difference=difference), "cpu")
     loss.mean().backward()
     return {k: p.grad.detach().clone() for k, p in raw.named_parameters()}
 
@@ -60,20 +59,38 @@ def test_the_derivative_through_each_backbone_matches_finite_differences(name):
     assert float(dudr.abs().max()) > 1e-2  # a derivative worth comparing
 
 
+def test_under_bf16_autocast_the_difference_is_taken_in_float32():
+    """In bf16 the two ends of a step of 1e-3 round to the same few digits: the difference
+    would be noise. Both ends are computed again in float32, and the loss's u stays bf16."""
+    model = two_time_dit()
+    x0, _, r, t, y = batch(4)
+    dz = torch.randn_like(x0)
+    f = lambda z, r_: model(z, r_, y, gap=t - r_)
+    _, exact = forward_mode_attention(lambda: time_derivative(f, x0, r, dz), "cpu")  # float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u, dudr = difference_derivative(f, x0, r, dz)
+    assert u.dtype == torch.bfloat16 and u.requires_grad and not dudr.requires_grad
+    assert dudr.dtype == torch.float32 and float(exact.abs().max()) > 0.5
+    torch.testing.assert_close(dudr, exact, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.slow
 def test_two_processes_average_the_same_gradients_as_one(tmp_path):
     torchrun(HERE / "ddp_meanflow_worker.py", tmp_path)
-    model = two_time_dit()
-    one = meanflow_grads(model, model, *batch())
-    ddp = load_file(str(tmp_path / "ddp.safetensors"))
-    assert set(ddp) == set(one)
-    for k in one:
-        torch.testing.assert_close(ddp[k], one[k], rtol=1e-4, atol=1e-6, msg=k)
+    for derivative in ("jvp", "difference"):
+        model = two_time_dit()
+        one = meanflow_grads(model, model, *batch(), difference=derivative == "difference")
+        ddp = load_file(str(tmp_path / f"ddp-{derivative}.safetensors"))
+        assert set(ddp) == set(one)
+        for k in one:
+            torch.testing.assert_close(ddp[k], one[k], rtol=1e-4, atol=1e-6, msg=f"{derivative}: {k}")
 
 
-@pytest.mark.parametrize("tangent", ["conditional", "model"])
-def test_the_training_loss_learns_with_guidance_and_the_curriculum(tangent):
-    flow = FlowConfig(objective="meanflow", gap_warmup_steps=10, time_sampler="uniform", tangent=tangent)
+@pytest.mark.parametrize("tangent, derivative", [("conditional", "jvp"), ("model", "jvp"), ("model", "difference")])
+def test_the_training_loss_learns_with_guidance_and_the_curriculum(tangent, derivative):
+    flow = FlowConfig(
+        objective="meanflow", gap_warmup_steps=10, time_sampler="uniform", tangent=tangent, derivative=derivative
+    )
     model = two_time_dit()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
@@ -136,6 +153,29 @@ def test_instant_steps_train_plain_flow_matching_without_a_derivative_then_the_g
         else:  # the model's tangent joins the guidance pass, and the derivative runs
             assert guidance == 32 and dual and bool((gap > 0).any())
             assert float(gap.max()) <= (step - 3) / 2  # the curriculum counts from the end of the phase
+
+
+def test_the_difference_runs_plain_passes_at_the_moved_point_and_no_forward_mode():
+    import torch.autograd.forward_ad as fwAD
+
+    flow = FlowConfig(objective="meanflow", tangent="model", time_sampler="uniform", derivative="difference")
+    model = two_time_dit()
+    calls = []
+
+    def recording(z, r, y, gap=None, **inputs):
+        calls.append((z.detach().clone(), r.detach().clone(), gap, fwAD.unpack_dual(z).tangent is not None))
+        return model(z, r, y, gap=gap, **inputs)
+
+    g = torch.Generator().manual_seed(0)
+    x1, labels = torch.randn(16, 4, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    loss, _, _ = training_loss(recording, x1, labels, flow, 0.1, 10, g, cfg_scale=1.5, step=0)
+    assert torch.isfinite(loss).all() and len(calls) == 3 and not any(dual for *_, dual in calls)
+    (z, r, gap, _), (moved, later, closer, _) = calls[1], calls[2]  # the loss's pass, then the moved one
+    torch.testing.assert_close(later - r, torch.full_like(r, 1e-3))  # one step on in time, same end time
+    torch.testing.assert_close(gap - closer, torch.full_like(gap, 1e-3))
+    own = calls[0][0][:16]  # the tangent pass's point is z itself; the step moves z along the model's velocity
+    torch.testing.assert_close(own, z)
+    assert 0 < float((moved - z).abs().max()) < 0.1
 
 
 def test_without_gaps_the_loss_skips_the_derivative_and_equals_the_full_one():
