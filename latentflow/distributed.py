@@ -1,5 +1,5 @@
-"""Processes and devices: the Accelerator every command uses, the default precision, and the
-few collectives that keep ranks in step when one of them fails.
+"""Processes and devices: the Accelerator every command uses, the default precision (and a way
+past it for one pass, ``float32_forward``), and the few collectives that keep ranks in step when one of them fails.
 
 Only the main process writes files and prints. ``on_main`` runs a piece of work there and
 hands its result, or its one-line error, to every rank, so a full disk or a locked run
@@ -9,14 +9,17 @@ collective.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Iterator, Optional, TypeVar
 
 from .errors import DiskError, LatentflowError
 
 __all__ = [
+    "computes_in_low_precision",
     "cpu_has_fast_bf16",
+    "float32_forward",
     "is_launched",
     "is_peer_failure",
     "make_accelerator",
@@ -50,6 +53,47 @@ def resolve_mixed_precision(flag: Optional[str], cpu: bool = False) -> Optional[
     if torch.cuda.is_available() and not cpu:
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
     return "bf16" if cpu_has_fast_bf16() else "no"
+
+
+def _innermost(model):
+    """The module under DDP's (``.module``) and torch.compile's (``._orig_mod``) wrappers."""
+    import torch.nn as nn
+
+    while True:
+        inner = getattr(model, "module", None)
+        inner = inner if isinstance(inner, nn.Module) else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def computes_in_low_precision(model, device_type: str) -> bool:
+    """Whether ``model(...)`` called here computes under autocast: inside an autocast block, or
+    because Accelerate wrapped the module's forward in one for mixed precision (keeping the
+    module's own forward as ``_original_forward``)."""
+    import torch
+
+    return torch.is_autocast_enabled(device_type) or "_original_forward" in vars(_innermost(model))
+
+
+@contextlib.contextmanager
+def float32_forward(model, device_type: str) -> Iterator[None]:
+    """Inside the block ``model(...)`` computes in float32 (its weights' precision): without the
+    autocast of an enclosing block, and without the one Accelerate wraps the module's forward
+    in, which is set aside for the block and put back after. The wrappers stay, DDP's hooks
+    included."""
+    import torch
+
+    module = _innermost(model)
+    own, mixed = vars(module).get("_original_forward"), vars(module).get("forward")
+    if own is not None:
+        module.forward = own
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        if own is not None:
+            module.forward = mixed
 
 
 def is_launched() -> bool:

@@ -215,26 +215,24 @@ DIFFERENCE_STEP = 1e-3
 of one pair's target."""
 
 
-def difference_derivative(average: Velocity, z: torch.Tensor, r: torch.Tensor, dz: torch.Tensor):
+def difference_derivative(
+    average: Velocity, z: torch.Tensor, r: torch.Tensor, dz: torch.Tensor, exact: Optional[Velocity] = None
+):
     """``(u, d/dr u)`` as ``time_derivative`` gives them, the derivative by a forward
-    difference instead: ``(average(z + ε dz, r + ε) - average(z, r)) / ε`` with ε =
-    ``DIFFERENCE_STEP``. Two plain forward passes (the second without gradient) in place of
-    one forward-mode pass, which costs over three (``docs/meanflow.md``).
+    difference instead: ``(u(z + ε dz, r + ε) - u(z, r)) / ε`` with ε = ``DIFFERENCE_STEP``.
+    Plain forward passes in place of one forward-mode pass, which costs over three
+    (``docs/meanflow.md``).
 
-    The difference is taken in float32: under autocast (bf16 would round ``u`` to about 1 %,
-    ten times the change over ε) both ends are computed again in float32 without gradient;
-    otherwise ``u`` is one end. ``u`` keeps its graph; the derivative carries none."""
+    The two ends must be computed in float32 or wider: in bf16 they agree to about three
+    digits, and their difference over ε would be noise. Where ``average`` computes in a lower
+    precision, ``exact`` is the same function in float32, and both ends come from it without
+    gradient; otherwise ``u`` is one end and one more pass of ``average`` the other. ``u``
+    keeps its graph; the derivative carries none."""
     u = average(z, r)
-    device, wide = z.device.type, torch.promote_types(z.dtype, torch.float32)
+    wide = torch.promote_types(z.dtype, torch.float32)
+    moved = z + DIFFERENCE_STEP * dz, r + DIFFERENCE_STEP
     with torch.no_grad():
-        if torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
-                z, dz, r = z.to(wide), dz.to(wide), r.to(wide)
-                start = average(z, r)
-                end = average(z + DIFFERENCE_STEP * dz, r + DIFFERENCE_STEP)
-        else:
-            start = u.detach()
-            end = average(z + DIFFERENCE_STEP * dz, r + DIFFERENCE_STEP)
+        start, end = (u.detach(), average(*moved)) if exact is None else (exact(z, r), exact(*moved))
     return u, (end.to(wide) - start.to(wide)) / DIFFERENCE_STEP
 
 
@@ -257,6 +255,7 @@ def meanflow_loss(
     eps: float = 1e-3,
     derivative: bool = True,
     difference: bool = False,
+    exact: Optional[Velocity] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-sample MeanFlow loss and plain squared error, each (B,).
 
@@ -266,7 +265,8 @@ def meanflow_loss(
     (default: ``v``; the network's own velocity for improved MeanFlow, computed by the caller
     without gradient). The target ``v + (t - r) d/dr u`` carries no gradient; ``d/dr u`` comes
     from one forward-mode pass, or with ``difference=True`` from a forward difference
-    (``difference_derivative``); with ``derivative=False``, for batches whose every pair has
+    (``difference_derivative``, with ``exact(z, r, t)`` the average in float32 where
+    ``average`` computes in a lower precision); with ``derivative=False``, for batches whose every pair has
     ``r = t``, the target is ``v`` and neither runs. The loss is the squared error weighted by
     ``1 / (error + eps)^power`` (the paper's adaptive weighting, also without gradient;
     ``power = 0``: plain MSE).
@@ -277,8 +277,11 @@ def meanflow_loss(
         u, target = average(z, r, t), v.float()
     else:
         dz = v if tangent is None else tangent
-        derive = difference_derivative if difference else time_derivative
-        u, dudr = derive(lambda z_, r_: average(z_, r_, t), z, r, dz.to(z.dtype))
+        at_t = lambda f: None if f is None else (lambda z_, r_: f(z_, r_, t))
+        if difference:
+            u, dudr = difference_derivative(at_t(average), z, r, dz.to(z.dtype), at_t(exact))
+        else:
+            u, dudr = time_derivative(at_t(average), z, r, dz.to(z.dtype))
         target = meanflow_target(v.float(), dudr.float(), r, t)
     error = (u.float() - target).pow(2).flatten(1).mean(dim=1)  # (B,)
     weight = (error.detach() + eps).pow(-power) if power else torch.ones_like(error)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from ..distributed import computes_in_low_precision, float32_forward
 from ..flow import (
     broadcast_time,
     cfm_loss,
@@ -113,6 +114,13 @@ def _meanflow(model, x0, x1, labels, flow, class_dropout, null_label, generator,
 
     difference = flow.derivative == "difference"
     options = dict(v=v, tangent=own, power=flow.loss_power, derivative=not gapless, difference=difference)
+    if difference and computes_in_low_precision(model, x1.device.type):
+
+        def exact(z, r_, t_):  # the difference's two ends, in float32
+            with float32_forward(model, x1.device.type):
+                return model(z.float(), r_, y, gap=t_ - r_, **inputs).float()
+
+        options["exact"] = exact
 
     def loss_of():
         return meanflow_loss(average, x0, x1, r, t, flow.sigma_min, **options)
