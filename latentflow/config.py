@@ -193,8 +193,9 @@ class FlowConfig:
     derivative: str = "jvp"
     """meanflow: how the target's d/dr u is taken: 'jvp' (forward-mode autodiff, exact, one
     pass that costs over three forward passes) or 'difference' (a forward difference in
-    float32 over a step of 1e-3: two plain forward passes, the second without gradient;
-    about 0.7x the MeanFlow step's time in fp32 on a CPU)."""
+    float32 over a step of 1e-3: plain forward passes, one more without gradient in fp32, two
+    more in float32 under mixed precision; a MeanFlow step in about 0.76x the time in fp32 on a
+    CPU, docs/meanflow.md)."""
     jump_share: float = 0.0
     """meanflow: share of the pairs with r < t placed on the intervals a sampler of N jumps
     visits, (k/N, (k+1)/N) for N in jump_steps; 0: none (every pair from time_sampler)."""

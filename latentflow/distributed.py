@@ -1,5 +1,6 @@
 """Processes and devices: the Accelerator every command uses, the default precision (and a way
-past it for one pass, ``float32_forward``), and the few collectives that keep ranks in step when one of them fails.
+past it for one pass, ``float32_forward``), and the few collectives that keep ranks in step
+when one of them fails.
 
 Only the main process writes files and prints. ``on_main`` runs a piece of work there and
 hands its result, or its one-line error, to every rank, so a full disk or a locked run

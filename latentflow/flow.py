@@ -56,12 +56,12 @@ __all__ = [
     "TIME_SAMPLERS",
     "broadcast_time",
     "cfm_loss",
+    "difference_derivative",
     "interpolate",
     "meanflow_loss",
     "meanflow_target",
     "sample_time",
     "sample_two_times",
-    "difference_derivative",
     "target_velocity",
     "time_derivative",
 ]

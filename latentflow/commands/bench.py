@@ -14,7 +14,7 @@ Configurations (images/s = median over timed windows after warm-up):
   (f) meanflow  the best of (d) with the average-velocity objective (flow.objective=meanflow: a
       forward-mode derivative pass and a guidance pass), and its cost per step against (d)'s
       (its GFLOP/s column still counts a cfm step's FLOPs); then the same with the derivative
-      by a forward difference (flow.derivative=difference: two plain passes)
+      by a forward difference (flow.derivative=difference: plain passes, two more in float32 under bf16)
 
 All use the same loss code as training (``training.objective.training_loss``) and AdamW. Achieved
 GFLOP/s counts the DiT step only, as 3 x the forward FLOPs of ``DiT.flops_per_sample``

@@ -106,6 +106,7 @@ def setup(
     faults = Faults.from_env()
     cache, cache_root = _latents(cfg, options, accelerator, vae, dataset, stop, console, faults)
     _check_every_class_trains(cache, num_classes, getattr(dataset, "class_names", None), dataset.origin)
+    _check_the_difference_runs_in_float32(cfg, accelerator)
     model, raw_model, ema, optimizer = _prepare(cfg, model, accelerator)
     batches = LatentBatches(
         cache,
@@ -196,6 +197,23 @@ def _check_the_gaps_open(cfg: ExperimentConfig, steps_per_epoch: int) -> None:
             f"this run ({cfg.train.epochs} epochs of {steps_per_epoch}), so one-step sampling would be "
             "untrained; lower it, or raise train.epochs"
         )
+
+
+def _check_the_difference_runs_in_float32(cfg: ExperimentConfig, accelerator) -> None:
+    """The MeanFlow derivative by a forward difference needs two float32 passes. Under FSDP
+    with mixed precision the sharded weights themselves are cast to bf16 for every pass, so
+    no pass can be float32: refuse rather than train on a difference of bf16 outputs."""
+    from accelerate.utils import DistributedType
+
+    flow = cfg.flow
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if flow.objective == "meanflow" and flow.derivative == "difference" and sharded:
+        if accelerator.mixed_precision != "no":
+            raise LatentflowError(
+                f"flow.derivative=difference needs float32 passes, which FSDP with mixed precision "
+                f"{accelerator.mixed_precision} cannot run (it casts the weights); use --set flow.derivative=jvp, "
+                "or --mixed-precision no"
+            )
 
 
 def _prepare(cfg: ExperimentConfig, model, accelerator):

@@ -38,4 +38,4 @@ def test_benchmark_runs_and_reports_sane_numbers(tmp_path):
         )
     assert report["matmul_peak_gflops"]["fp32"] > 0 and report["best"]["speedup_vs_baseline"] > 0
     assert rows["(f) meanflow objective"]["step_cost_vs_cfm"] > 1  # a derivative pass and a guidance pass more
-    assert rows["(f) meanflow objective, difference derivative"]["step_cost_vs_cfm"] > 1  # a plain pass instead
+    assert rows["(f) meanflow objective, difference derivative"]["step_cost_vs_cfm"] > 1  # plain passes instead

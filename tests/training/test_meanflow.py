@@ -192,19 +192,19 @@ def test_the_difference_runs_plain_passes_at_the_moved_point_and_no_forward_mode
     calls = []
 
     def recording(z, r, y, gap=None, **inputs):
-        calls.append((z.detach().clone(), r.detach().clone(), gap, fwAD.unpack_dual(z).tangent is not None))
-        return model(z, r, y, gap=gap, **inputs)
+        out = model(z, r, y, gap=gap, **inputs)
+        calls.append((z.detach().clone(), r.detach().clone(), gap, fwAD.unpack_dual(z).tangent is not None, out))
+        return out
 
     g = torch.Generator().manual_seed(0)
     x1, labels = torch.randn(16, 4, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
     loss, _, _ = training_loss(recording, x1, labels, flow, 0.1, 10, g, cfg_scale=1.5, step=0)
-    assert torch.isfinite(loss).all() and len(calls) == 3 and not any(dual for *_, dual in calls)
-    (z, r, gap, _), (moved, later, closer, _) = calls[1], calls[2]  # the loss's pass, then the moved one
+    assert torch.isfinite(loss).all() and len(calls) == 3 and not any(dual for *_, dual, _ in calls)
+    (at, _, _, _, velocity), (z, r, gap, _, _), (moved, later, closer, _, _) = calls  # tangent, loss, moved
+    torch.testing.assert_close(at[:16], z)  # the model's velocity is taken at the loss's point
     torch.testing.assert_close(later - r, torch.full_like(r, 1e-3))  # one step on in time, same end time
     torch.testing.assert_close(gap - closer, torch.full_like(gap, 1e-3))
-    own = calls[0][0][:16]  # the tangent pass's point is z itself; the step moves z along the model's velocity
-    torch.testing.assert_close(own, z)
-    assert 0 < float((moved - z).abs().max()) < 0.1
+    torch.testing.assert_close(moved - z, 1e-3 * velocity[:16].detach(), rtol=1e-3, atol=1e-6)  # along it
 
 
 def test_without_gaps_the_loss_skips_the_derivative_and_equals_the_full_one():
@@ -215,3 +215,23 @@ def test_without_gaps_the_loss_skips_the_derivative_and_equals_the_full_one():
     skipped = meanflow_loss(average, x0, x1, r, r, 1e-3, derivative=False)
     for a, b in zip(full, skipped):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_with_mixed_precision_refuses_the_difference_in_one_line():
+    """FSDP casts the sharded weights to bf16 for every pass, so the difference could only be
+    taken between bf16 outputs: the run is refused before it starts, naming what to use."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from latentflow.config import load_config
+    from latentflow.errors import LatentflowError
+    from latentflow.training.setup import _check_the_difference_runs_in_float32 as check
+
+    cfg = load_config("meanflow")
+    fsdp = lambda precision: SimpleNamespace(distributed_type=DistributedType.FSDP, mixed_precision=precision)
+    with pytest.raises(LatentflowError, match="flow.derivative=difference needs float32 passes.*flow.derivative=jvp"):
+        check(cfg, fsdp("bf16"))
+    check(cfg, fsdp("no"))  # float32 weights: the passes are float32
+    check(load_config("meanflow", ["flow.derivative=jvp"]), fsdp("bf16"))
+    check(cfg, SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, mixed_precision="bf16"))
