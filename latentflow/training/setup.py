@@ -98,6 +98,7 @@ def setup(
     if resume is not None:
         on_main(accelerator, lambda: _claim(resume[0], lock, console))  # before any work: one writer per run
 
+    _check_the_difference_runs_in_float32(cfg, accelerator)  # before any data is read or encoded
     vae, dataset = vae_and_data(cfg, device, console if is_main else None)
     latent_shape = vae.latent_shape(cfg.data.image_size)  # (c, h, w)
     set_seed(cfg.train.seed)  # identical initial weights on every rank, before anything else draws
@@ -106,7 +107,6 @@ def setup(
     faults = Faults.from_env()
     cache, cache_root = _latents(cfg, options, accelerator, vae, dataset, stop, console, faults)
     _check_every_class_trains(cache, num_classes, getattr(dataset, "class_names", None), dataset.origin)
-    _check_the_difference_runs_in_float32(cfg, accelerator)
     model, raw_model, ema, optimizer = _prepare(cfg, model, accelerator)
     batches = LatentBatches(
         cache,
