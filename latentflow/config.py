@@ -218,6 +218,11 @@ class FlowConfig:
         _choice("flow.tangent", self.tangent, ("conditional", "model"))
         _choice("flow.derivative", self.derivative, ("jvp", "difference"))
         _unit_interval("flow.equal_times", self.equal_times)
+        if self.objective == "meanflow" and self.equal_times == 1.0:
+            raise ConfigError(
+                "flow.equal_times=1 makes every training pair r = t, so a meanflow model never learns a jump; "
+                "lower it (the meanflow experiment uses 0.1), or use flow.objective cfm"
+            )
         if min(self.instant_steps, self.gap_warmup_steps, self.loss_power) < 0:
             raise ConfigError(
                 "flow.instant_steps, flow.gap_warmup_steps and flow.loss_power must be >= 0, got "

@@ -66,6 +66,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def discard(path: Path) -> None:
+    """Remove a temporary: a directory tree, or a file or link (a replaced symlink lands here
+    as a link; its target is left alone)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def remove_stale_temps(directory: Path, any_owner: bool = False) -> int:
     """Remove temporaries that crashed or killed writers left in ``directory``; put back a
     directory whose replacement was cut off between its two renames. ``any_owner``: the
@@ -86,11 +96,7 @@ def remove_stale_temps(directory: Path, any_owner: bool = False) -> int:
         if m and m["kind"] == "old" and final is not None and not final.exists():
             os.replace(entry, final)  # the new one never arrived: keep the old one
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                entry.unlink()
+        discard(entry)
         removed += 1
     return removed
 
@@ -103,11 +109,7 @@ def _clear_dead_temps(final: Path) -> None:
     for entry in final.parent.glob(f".{final.name}.tmp-{HOST}-*"):
         m = _TEMP.match(entry.name)
         if m and m["name"] == final.name and not _pid_alive(int(m["pid"])):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    entry.unlink()
+            discard(entry)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -155,7 +157,7 @@ def _replace(tmp: Path, final: Path) -> None:
     """Move ``tmp`` to ``final``; an existing ``final`` is replaced with no gap."""
     if tmp.is_dir() and final.exists():
         if _exchange(tmp, final):
-            shutil.rmtree(tmp, ignore_errors=True)  # now holds the old directory
+            discard(tmp)  # now holds the old directory, or the old symlink to one
             return
         old = temp_name(final, "old")
         os.replace(final, old)  # a crash here leaves `old`, which remove_stale_temps puts back
@@ -164,7 +166,7 @@ def _replace(tmp: Path, final: Path) -> None:
         except OSError:
             os.replace(old, final)
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        discard(old)
         return
     os.replace(tmp, final)
 

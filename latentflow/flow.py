@@ -227,7 +227,12 @@ def difference_derivative(
     digits, and their difference over ε would be noise. Where ``average`` computes in a lower
     precision, ``exact`` is the same function in float32, and both ends come from it without
     gradient; otherwise ``u`` is one end and one more pass of ``average`` the other. ``u``
-    keeps its graph; the derivative carries none."""
+    keeps its graph; the derivative carries none.
+
+    The step is forward in r with the end time held, so the moved point's gap is
+    ``t - r - ε``: below 0 only for pairs closer than ε, whose target weighs the derivative by
+    ``t - r < ε`` (by 0 where r = t). A backward step would instead leave [0, 1] in r for
+    every pair with r < ε, whatever its gap."""
     u = average(z, r)
     wide = torch.promote_types(z.dtype, torch.float32)
     moved = z + DIFFERENCE_STEP * dz, r + DIFFERENCE_STEP

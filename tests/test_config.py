@@ -125,6 +125,9 @@ def test_an_average_velocity_objective_goes_with_jumps_and_its_settings_are_chec
         load_config("default", ["sampler.solver=meanflow"])
     with pytest.raises(ConfigError, match="flow.equal_times must lie in"):
         load_config("meanflow", ["flow.equal_times=1.5"])
+    with pytest.raises(ConfigError, match="flow.equal_times=1 makes every training pair r = t"):
+        load_config("meanflow", ["flow.equal_times=1"])
+    assert load_config("default", ["flow.equal_times=1"]).flow.equal_times == 1.0  # cfm ignores it
     with pytest.raises(ConfigError, match="flow.objective"):
         load_config("default", ["flow.objective=shortcut"])
     with pytest.raises(ConfigError, match="flow.instant_steps, flow.gap_warmup_steps and flow.loss_power must be >= 0"):

@@ -33,6 +33,18 @@ def test_replacing_a_directory_never_leaves_neither(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
 
 
+def test_replacing_a_symlinked_directory_leaves_its_target_and_no_temporary(tmp_path):
+    target, final = tmp_path / "elsewhere", tmp_path / "export"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    final.symlink_to(target, target_is_directory=True)
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert not final.is_symlink() and (final / "a.txt").read_text() == "new"
+    assert (target / "a.txt").read_text() == "old"  # the link's target is the user's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "export"]
+
+
 @pytest.mark.parametrize(
     "failure",
     [

@@ -59,6 +59,10 @@ def evaluate_model(
     net = feature_net(feature_net_choice, data, channels, data.image_size, flag=flag)
     sampler = dict(solver=solver, steps=steps, cfg_scale=cfg_scale, guidance_interval=guidance_interval)
     labels, settings = pipe.resolve("none" if unconditional else "all", num_samples, names, **sampler)
+    if out is None:  # checked like a given --out, before any sampling
+        name = _report_name(settings.tag, num_samples, seed, unconditional, feature_net_choice, reference)
+        out = default_output(source, "eval", name)
+        check_output(out, overwrite)
     references = references_for_run(data, net, channels, reference)
     start = time.perf_counter()
     samples = pipe.draw(
@@ -82,7 +86,6 @@ def evaluate_model(
     if solver_error:
         report["solver_error"] = _solver_error(pipe, labels, samples, solver_error, seed, batch_size)
     s = samples.settings
-    out = out or default_output(source, "eval", f"{s.tag}-n{num_samples}-seed{seed}.json")
     write_text_atomic(Path(out), json.dumps(report, indent=2), "evaluation report")
     steps_text = "" if s.solver == "dopri5" else f" {s.steps}"
     error = f", latent RMS error {report['solver_error']['rms']:.4f}" if solver_error else ""
@@ -92,6 +95,16 @@ def evaluate_model(
     )
     report["path"] = str(out)
     return report
+
+
+def _report_name(tag: str, num_samples: int, seed: int, unconditional: bool, net: str, reference) -> str:
+    """The default report's file name: the sampler's settings and every other choice that
+    changes the scores, so that scoring the same samples another way writes another report."""
+    parts = [tag, f"n{num_samples}", f"seed{seed}"]
+    parts += ["uncond"] if unconditional else []
+    parts += [Path(net).name] if net != "auto" else []
+    parts += [f"ref-{Path(reference).stem}"] if reference is not None else []
+    return "-".join(parts) + ".json"
 
 
 def _settings_record(samples, labels, seed: int, num_samples: int) -> Dict:

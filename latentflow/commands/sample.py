@@ -62,9 +62,7 @@ def generate(
         named = SamplerSettings.resolve(
             pipe.sampler_settings, names=names, solver=solver, steps=steps, cfg_scale=cfg_scale
         )
-        out = default_output(
-            source, "samples", f"{named.solver}-{named.steps}-cfg{named.cfg_scale:g}-n{num_samples}-seed{seed}.png"
-        )
+        out = default_output(source, "samples", f"{named.tag}-n{num_samples}-seed{seed}.png")
     out = Path(out)
     if out.suffix not in (".png", ".npz"):
         raise LatentflowError(f"--out {out}: give a .png (grid) or .npz (arrays) path; both are written")

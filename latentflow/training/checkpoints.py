@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple
@@ -28,7 +27,7 @@ from ..config import (
 )
 from ..distributed import on_main
 from ..errors import CheckpointError
-from ..files import FIX_RUN, atomic_dir, file_sha256, temp_name
+from ..files import FIX_RUN, atomic_dir, discard, file_sha256, temp_name
 from ..rng import get_rng_state, set_rng_state
 from ..runs import (
     CHECKPOINT_FILES,
@@ -98,7 +97,7 @@ def save_checkpoint(
         if old != final:  # renamed first: a crash mid-delete leaves a temporary, never half a checkpoint
             doomed = temp_name(old)
             os.replace(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            discard(doomed)  # a symlinked checkpoint loses its link; what it points to is the user's
     return final
 
 

@@ -100,6 +100,9 @@ def setup(
 
     _check_the_difference_runs_in_float32(cfg, accelerator)  # before any data is read or encoded
     vae, dataset = vae_and_data(cfg, device, console if is_main else None)
+    # before encoding, on the most steps the data could give (files the encoder skips only lower it)
+    per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum
+    _check_the_gaps_open(cfg, max(1, len(dataset) // per_step), bound=True)
     latent_shape = vae.latent_shape(cfg.data.image_size)  # (c, h, w)
     set_seed(cfg.train.seed)  # identical initial weights on every rank, before anything else draws
     num_classes = 0 if cfg.model.unconditional else dataset.num_classes
@@ -187,15 +190,16 @@ def _check_every_class_trains(cache, num_classes: int, names, origin: str) -> No
         )
 
 
-def _check_the_gaps_open(cfg: ExperimentConfig, steps_per_epoch: int) -> None:
+def _check_the_gaps_open(cfg: ExperimentConfig, steps_per_epoch: int, bound: bool = False) -> None:
     """A MeanFlow run whose plain flow-matching phase covers every step never trains a jump:
-    refuse it (the step count depends on the data, so the config alone cannot)."""
+    refuse it (the step count depends on the data, so the config alone cannot). With
+    ``bound``, ``steps_per_epoch`` is the most the data could give, before encoding."""
     flow, total = cfg.flow, cfg.train.epochs * steps_per_epoch
     if flow.objective == "meanflow" and not gaps_open(flow, total - 1):  # the gaps only ever widen
         raise LatentflowError(
-            f"flow.instant_steps={flow.instant_steps} leaves no step with a gap among the {total} steps of "
-            f"this run ({cfg.train.epochs} epochs of {steps_per_epoch}), so one-step sampling would be "
-            "untrained; lower it, or raise train.epochs"
+            f"flow.instant_steps={flow.instant_steps} leaves no step with a gap among the "
+            f"{'at most ' if bound else ''}{total} steps of this run ({cfg.train.epochs} epochs of "
+            f"{steps_per_epoch}), so one-step sampling would be untrained; lower it, or raise train.epochs"
         )
 
 

@@ -34,6 +34,15 @@ def test_evaluate_reports_fd_accuracy_and_settings(smoke_run):
     assert report["feature_net_test_accuracy"] >= 0.99 and report["feature_net"].startswith("digits@")
     pr = report["precision_recall"]
     assert 0 <= pr["precision"] <= 1 and 0 <= pr["recall"] <= 1 and pr["n"] == 40 and pr["against"] == "mnist-test"
+    # the same samples scored by another feature net: a report of its own, the first one kept
+    other = ("evaluate", "--checkpoint", run_dir / "export", "--num-samples", "40", "--solver", "heun")
+    run_main(*other, "--steps", "2", "--cfg-scale", "2", "--feature-net", "digits-pooled")
+    pooled = json.loads((run_dir / "eval" / "heun-2-cfg2-n40-seed0-digits-pooled.json").read_text())
+    assert pooled["feature_net"] != report["feature_net"]
+    assert json.loads((run_dir / "eval" / "heun-2-cfg2-n40-seed0.json").read_text()) == report
+    again = run_main(*other, "--steps", "2", "--cfg-scale", "2", check=False)  # an earlier report is kept
+    assert again.returncode == 2 and len(again.stderr.splitlines()) == 1
+    assert "heun-2-cfg2-n40-seed0.json already exists; choose another --out or pass --overwrite" in again.stderr
 
 
 @pytest.mark.slow

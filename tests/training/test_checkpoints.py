@@ -65,6 +65,19 @@ def test_rotation_orders_by_step_and_only_complete_checkpoints_count(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_00000300"
 
 
+def test_rotating_out_a_symlinked_checkpoint_removes_the_link_and_leaves_its_target(tmp_path):
+    """A user who moved an old checkpoint to another disk and linked it back: rotation drops
+    the link, keeps what it points to, and leaves no temporary behind."""
+    run, elsewhere = tmp_path / "run", tmp_path / "other-disk"
+    run.mkdir()
+    moved = save(run, 10).rename(elsewhere)
+    (run / "checkpoints" / "step_00000010").symlink_to(moved, target_is_directory=True)
+    save(run, 20)
+    save(run, 30)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000020", "step_00000030"]
+    assert (elsewhere / "state.json").is_file()
+
+
 def without_hashes(path):
     """The checkpoint as earlier releases wrote it: no recorded hashes."""
     state = json.loads((path / "state.json").read_text())

@@ -111,11 +111,15 @@ def test_an_epoch_end_checkpoint_resumes_bit_for_bit(make_trainer, objective):
 
 def test_a_meanflow_run_whose_plain_phase_covers_every_step_is_refused(make_trainer, tmp_path):
     """8 steps, a gap warm-up: the step ending the plain phase opens the gaps at width 0, so
-    instant_steps=7 trains no jump either; 6 leaves one step with a gap."""
+    instant_steps=7 trains no jump either; 6 leaves one step with a gap. The data's size
+    already says so, so the refusal comes before any image is encoded."""
     for plain in (8, 7):
-        with pytest.raises(LatentflowError, match=r"instant_steps=\d leaves no step with a gap among the 8 steps"):
+        with pytest.raises(
+            LatentflowError, match=r"instant_steps=\d leaves no step with a gap among the at most 8 steps"
+        ):
             make_trainer("train.epochs=2", *MEANFLOW, f"flow.instant_steps={plain}")
     assert not (tmp_path / "runs").exists()  # refused before a run directory exists
+    assert not (tmp_path / "cache").exists()  # and before the latent cache is built
     assert make_trainer("train.epochs=2", *MEANFLOW, "flow.instant_steps=6").state.step == 0
 
 
