@@ -262,7 +262,7 @@ COMMANDS: Dict[str, Command] = {
                 "tolerance 1e-6); 0: off",
             ),
             arg("--out", type=Path, default=None, help="JSON report path (default: RUN/eval/<settings>.json)"),
-            overwrite("an existing --out report"),
+            overwrite("an existing report (--out, or the default one under the run)"),
         ),
     ),
     "fd-stats": Command(

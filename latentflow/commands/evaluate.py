@@ -60,7 +60,9 @@ def evaluate_model(
     sampler = dict(solver=solver, steps=steps, cfg_scale=cfg_scale, guidance_interval=guidance_interval)
     labels, settings = pipe.resolve("none" if unconditional else "all", num_samples, names, **sampler)
     if out is None:  # checked like a given --out, before any sampling
-        name = _report_name(settings.tag, num_samples, seed, unconditional, feature_net_choice, reference)
+        name = _report_name(
+            settings.tag, num_samples, seed, unconditional, feature_net_choice, reference, data_overrides
+        )
         out = default_output(source, "eval", name)
         check_output(out, overwrite)
     references = references_for_run(data, net, channels, reference)
@@ -97,14 +99,19 @@ def evaluate_model(
     return report
 
 
-def _report_name(tag: str, num_samples: int, seed: int, unconditional: bool, net: str, reference) -> str:
+def _report_name(
+    tag: str, num_samples: int, seed: int, unconditional: bool, net: str, reference, data_overrides: Sequence[str]
+) -> str:
     """The default report's file name: the sampler's settings and every other choice that
-    changes the scores, so that scoring the same samples another way writes another report."""
+    changes the scores (the feature net, the reference, ``--set data.*`` as a short hash, the
+    way runs are named), so that scoring the same samples another way writes another report."""
+    from ..runs import run_base_name
+
     parts = [tag, f"n{num_samples}", f"seed{seed}"]
     parts += ["uncond"] if unconditional else []
     parts += [Path(net).name] if net != "auto" else []
     parts += [f"ref-{Path(reference).stem}"] if reference is not None else []
-    return "-".join(parts) + ".json"
+    return run_base_name("-".join(parts), data_overrides, ignore=()) + ".json"
 
 
 def _settings_record(samples, labels, seed: int, num_samples: int) -> Dict:

@@ -45,6 +45,18 @@ def test_evaluate_reports_fd_accuracy_and_settings(smoke_run):
     assert "heun-2-cfg2-n40-seed0.json already exists; choose another --out or pass --overwrite" in again.stderr
 
 
+def test_a_default_report_is_named_by_everything_that_changes_its_scores():
+    from latentflow.commands.evaluate import _report_name
+
+    plain = _report_name("meanflow-1-cfg1.5", 100, 0, False, "auto", None, ())
+    assert plain == "meanflow-1-cfg1.5-n100-seed0.json"
+    other = _report_name("meanflow-1-cfg1.5", 100, 0, True, "/nets/my-clf", "/refs/test.npz", ["data.max_items=12"])
+    assert other.startswith("meanflow-1-cfg1.5-n100-seed0-uncond-my-clf-ref-test+") and other.endswith(".json")
+    assert other != _report_name(
+        "meanflow-1-cfg1.5", 100, 0, True, "/nets/my-clf", "/refs/test.npz", ["data.max_items=13"]
+    )
+
+
 @pytest.mark.slow
 def test_evaluate_reports_both_references_with_floors_and_spreads(smoke_run, tmp_path):
     _, run_dir, _ = smoke_run

@@ -121,6 +121,9 @@ def test_a_meanflow_run_whose_plain_phase_covers_every_step_is_refused(make_trai
     assert not (tmp_path / "runs").exists()  # refused before a run directory exists
     assert not (tmp_path / "cache").exists()  # and before the latent cache is built
     assert make_trainer("train.epochs=2", *MEANFLOW, "flow.instant_steps=6").state.step == 0
+    # a quarter held out: 24 rows, 3 steps an epoch; the data's size allowed 8, the rows refuse 6
+    with pytest.raises(LatentflowError, match=r"instant_steps=6 leaves no step with a gap among the 6 steps"):
+        make_trainer("train.epochs=2", *MEANFLOW, "flow.instant_steps=6", "data.val_fraction=0.25")
 
 
 def test_grids_come_every_grid_every_epochs_and_at_the_last(make_trainer):
