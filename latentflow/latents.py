@@ -588,8 +588,13 @@ class LatentBatches:
         self.val_rows = held[:n_val].sort().values  # (V,)
         self.rows = held[n_val:].sort().values  # (N - V,) the training rows
         self.global_batch = batch_size * num_processes
-        self.iterations_per_epoch = max(1, len(self.rows) // (self.global_batch * grad_accum))
+        self.iterations_per_epoch = self.steps_per_epoch(len(self.rows), batch_size, num_processes, grad_accum)
         self._epoch, self._perm = -1, None
+
+    @staticmethod
+    def steps_per_epoch(rows: int, batch_size: int, num_processes: int = 1, grad_accum: int = 1) -> int:
+        """Optimizer steps in an epoch of ``rows`` training rows (at least one)."""
+        return max(1, rows // (batch_size * num_processes * grad_accum))
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """The training rows in epoch ``epoch``'s order."""

@@ -101,8 +101,10 @@ def setup(
     _check_the_difference_runs_in_float32(cfg, accelerator)  # before any data is read or encoded
     vae, dataset = vae_and_data(cfg, device, console if is_main else None)
     # before encoding, on the most steps the data could give (files the encoder skips only lower it)
-    per_step = cfg.train.batch_size * accelerator.num_processes * cfg.train.grad_accum
-    _check_the_gaps_open(cfg, max(1, len(dataset) // per_step), bound=True)
+    most = LatentBatches.steps_per_epoch(
+        len(dataset), cfg.train.batch_size, accelerator.num_processes, cfg.train.grad_accum
+    )
+    _check_the_gaps_open(cfg, most, bound=True)
     latent_shape = vae.latent_shape(cfg.data.image_size)  # (c, h, w)
     set_seed(cfg.train.seed)  # identical initial weights on every rank, before anything else draws
     num_classes = 0 if cfg.model.unconditional else dataset.num_classes
@@ -209,15 +211,13 @@ def _check_the_difference_runs_in_float32(cfg: ExperimentConfig, accelerator) ->
     no pass can be float32: refuse rather than train on a difference of bf16 outputs."""
     from accelerate.utils import DistributedType
 
-    flow = cfg.flow
-    sharded = accelerator.distributed_type == DistributedType.FSDP
-    if flow.objective == "meanflow" and flow.derivative == "difference" and sharded:
-        if accelerator.mixed_precision != "no":
-            raise LatentflowError(
-                f"flow.derivative=difference needs float32 passes, which FSDP with mixed precision "
-                f"{accelerator.mixed_precision} cannot run (it casts the weights); use --set flow.derivative=jvp, "
-                "or --mixed-precision no"
-            )
+    flow, precision = cfg.flow, accelerator.mixed_precision
+    difference = flow.objective == "meanflow" and flow.derivative == "difference"
+    if difference and accelerator.distributed_type == DistributedType.FSDP and precision != "no":
+        raise LatentflowError(
+            f"flow.derivative=difference needs float32 passes, which FSDP with mixed precision {precision} "
+            "cannot run (it casts the weights); use --set flow.derivative=jvp, or --mixed-precision no"
+        )
 
 
 def _prepare(cfg: ExperimentConfig, model, accelerator):
