@@ -1,5 +1,7 @@
 """The benchmark: it runs on tiny models and its numbers are consistent (not a timing test)."""
 
+import pytest
+
 
 def test_benchmark_runs_and_reports_sane_numbers(tmp_path):
     """Not a timing test: the benchmark runs on tiny models and its numbers are consistent."""
@@ -37,5 +39,9 @@ def test_benchmark_runs_and_reports_sane_numbers(tmp_path):
             < 1e-6 * r["dit_gflops_per_s"] + 1e-9
         )
     assert report["matmul_peak_gflops"]["fp32"] > 0 and report["best"]["speedup_vs_baseline"] > 0
-    assert rows["(f) meanflow objective"]["step_cost_vs_cfm"] > 1  # a derivative pass and a guidance pass more
-    assert rows["(f) meanflow objective, difference derivative"]["step_cost_vs_cfm"] > 1  # plain passes instead
+    # a MeanFlow step's cost is against the fastest cfm configuration; how much it costs is timing,
+    # which this test leaves to the benchmark (0.2 s windows on a tiny model are noise)
+    fastest_cfm = max(r["images_per_s"] for c, r in rows.items() if c[:3] in ("(b)", "(c)", "(d)"))
+    for name in ("(f) meanflow objective", "(f) meanflow objective, difference derivative"):
+        f = rows[name]
+        assert f["step_cost_vs_cfm"] * f["images_per_s"] == pytest.approx(fastest_cfm)
