@@ -124,21 +124,56 @@ def parse_grid(text: str):
     return grid
 
 
+def parse_intervals(text: str):
+    """``"all"`` -> INTERVALS, ``"none"`` -> the whole path only, ``"0.2-1,0.3-0.9"`` -> the whole
+    path and those two."""
+    if text in ("all", "none"):
+        return INTERVALS if text == "all" else [None]
+    intervals = [None]
+    for item in text.split(","):
+        lo, _, hi = item.partition("-")
+        try:
+            interval = (float(lo), float(hi))
+        except ValueError:
+            sys.exit(f"error: --intervals item {item!r} is not LO-HI (two numbers, e.g. 0.2-0.9)")
+        if not 0.0 <= interval[0] < interval[1] <= 1.0:
+            sys.exit(f"error: --intervals item {item!r} needs 0 <= LO < HI <= 1")
+        intervals.append(interval)
+    return intervals
+
+
 def draw(rows, path: Path, title: str, solver: str, steps: int) -> None:
-    fig, axes = new_figure(1, 4, figsize=(18, 3.8), dpi=110)
-    for s_name in SOLVER_GRID:
-        pts = [r for r in rows if r["sweep"] == "solver" and r["solver"] == s_name]
-        if not pts:
-            continue
-        nfe = [r["nfe"] for r in pts]
-        axes[0].errorbar(
-            nfe, [r["fd"] for r in pts], yerr=[r["fd_std"] for r in pts], marker="o", ms=3, capsize=2, label=s_name
-        )
-        axes[1].plot(nfe, [r["latent_rms_error"] for r in pts], "o-", ms=3, label=s_name)
-        axes[2].plot(nfe, [100 * r["accuracy"] for r in pts], "o-", ms=3, label=s_name)
-    floor = rows[0]["floor"]
-    axes[0].axhline(floor, ls="--", lw=1, color="0.4", label=f"training data ({rows[0]['floor_n']})")
-    for interval in INTERVALS:
+    """Four panels (FD, latent error and accuracy against NFE; FD against guidance), or the
+    last alone when the sweep had no solver points (``--only guidance``)."""
+    with_solvers = any(r["sweep"] == "solver" for r in rows)
+    fig, axes = (
+        new_figure(1, 4, figsize=(18, 3.8), dpi=110) if with_solvers else new_figure(1, 1, figsize=(6, 4), dpi=110)
+    )
+    axes = list(axes) if with_solvers else [None, None, None, axes]
+    if with_solvers:
+        for s_name in SOLVER_GRID:
+            pts = [r for r in rows if r["sweep"] == "solver" and r["solver"] == s_name]
+            if not pts:
+                continue
+            nfe = [r["nfe"] for r in pts]
+            axes[0].errorbar(
+                nfe, [r["fd"] for r in pts], yerr=[r["fd_std"] for r in pts], marker="o", ms=3, capsize=2, label=s_name
+            )
+            axes[1].plot(nfe, [r["latent_rms_error"] for r in pts], "o-", ms=3, label=s_name)
+            axes[2].plot(nfe, [100 * r["accuracy"] for r in pts], "o-", ms=3, label=s_name)
+        axes[0].set_ylabel("FD to the MNIST test set")
+        axes[1].set_ylabel("latent RMS distance from the converged ODE")
+        axes[2].set_ylabel("class accuracy (%)")
+        for ax in axes[:3]:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("NFE (velocity evaluations; a guided pair counts once)")
+        axes[0].set_yscale("log")
+        axes[1].set_yscale("log")
+    for ax in (axes[0], axes[3]):
+        if ax is not None:
+            ax.axhline(rows[0]["floor"], ls="--", lw=1, color="0.4", label=f"training data ({rows[0]['floor_n']})")
+    drawn = {tuple(r["interval"]) if r["interval"] else None for r in rows if r["sweep"] == "guidance"}
+    for interval in sorted(drawn, key=lambda i: (i is not None, i or ())):
         want = list(interval) if interval else None
         pts = sorted(
             (r for r in rows if r["sweep"] == "guidance" and (r["interval"] == want or r["cfg_scale"] == 1.0)),
@@ -155,20 +190,14 @@ def draw(rows, path: Path, title: str, solver: str, steps: int) -> None:
             capsize=2,
             label=f"interval {interval or 'all of t'}",
         )
-    axes[0].set_ylabel("FD to the MNIST test set")
-    axes[1].set_ylabel("latent RMS distance from the converged ODE")
-    axes[2].set_ylabel("class accuracy (%)")
     axes[3].set_ylabel("FD to the MNIST test set")
-    for ax in axes[:3]:
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("NFE (velocity evaluations; a guided pair counts once)")
-    for ax in (axes[0], axes[1], axes[3]):
-        ax.set_yscale("log")
+    axes[3].set_yscale("log")
     axes[3].set_xlabel(f"guidance scale ({solver} {steps})")
     for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+        if ax is not None:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10 if with_solvers else 7)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -206,9 +235,9 @@ def main() -> None:
     p.add_argument("--scales", default=None, help="guidance scales of the guidance sweep, e.g. 1,1.5,2 (default 1–3)")
     p.add_argument(
         "--intervals",
-        choices=("all", "none"),
         default="all",
-        help="guidance intervals besides the whole path: all four (default) or none",
+        help='guidance intervals besides the whole path: "all" (the four of INTERVALS, default), "none", '
+        'or a list such as "0.2-1,0.3-0.9"',
     )
     p.add_argument(
         "--guidance-error",
@@ -232,7 +261,7 @@ def main() -> None:
         scales = [float(v) for v in args.scales.split(",")] if args.scales else GUIDANCE_GRID
     except ValueError:
         sys.exit(f"error: --scales {args.scales!r} is not a comma-separated list of numbers")
-    intervals = INTERVALS if args.intervals == "all" else [None]
+    intervals = parse_intervals(args.intervals)
     if args.out is None:
         from latentflow.runs import new_run_dir
 
