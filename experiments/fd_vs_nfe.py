@@ -124,7 +124,7 @@ def parse_grid(text: str):
     return grid
 
 
-def parse_intervals(text: str):
+def parse_intervals(text: str, flag: str = "--intervals"):
     """``"all"`` -> INTERVALS, ``"none"`` -> the whole path only, ``"0.2-1,0.3-0.9"`` -> the whole
     path and those two."""
     if text in ("all", "none"):
@@ -135,9 +135,9 @@ def parse_intervals(text: str):
         try:
             interval = (float(lo), float(hi))
         except ValueError:
-            sys.exit(f"error: --intervals item {item!r} is not LO-HI (two numbers, e.g. 0.2-0.9)")
+            sys.exit(f"error: {flag} item {item!r} is not LO-HI (two numbers, e.g. 0.2-0.9)")
         if not 0.0 <= interval[0] < interval[1] <= 1.0:
-            sys.exit(f"error: --intervals item {item!r} needs 0 <= LO < HI <= 1")
+            sys.exit(f"error: {flag} item {item!r} needs 0 <= LO < HI <= 1")
         intervals.append(interval)
     return intervals
 
@@ -224,6 +224,12 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=10000, help="samples per point (default 10000)")
     p.add_argument("--error-samples", type=int, default=1000, help="samples for the latent error (default 1000)")
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance of the solver sweep (default: the model's)")
+    p.add_argument(
+        "--guidance-interval",
+        default=None,
+        metavar="LO-HI|none",
+        help="guidance interval of the solver sweep, e.g. 0.2-1; none: the whole path (default: the model's)",
+    )
     p.add_argument("--solver", default=None, help="solver of the guidance sweep (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="steps of the guidance sweep (default: the model's)")
     p.add_argument("--only", choices=("solver", "guidance"), default=None, help="run one of the two sweeps")
@@ -288,6 +294,15 @@ def main() -> None:
     scale = c.guidance_scale if args.cfg_scale is None else args.cfg_scale
     solver, steps = args.solver or c.solver, args.steps or c.num_inference_steps
     interval = c.guidance_interval
+    if args.guidance_interval is not None:
+        given = (
+            [None]
+            if args.guidance_interval == "none"
+            else parse_intervals(args.guidance_interval, "--guidance-interval")
+        )
+        if len(given) > 2:
+            sys.exit(f"error: --guidance-interval {args.guidance_interval!r} is more than one interval")
+        interval = given[-1]
     if args.only != "guidance":
         for s_name, settings in grid.items():
             for setting in settings:
