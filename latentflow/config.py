@@ -254,9 +254,9 @@ class SamplerConfig:
     """dopri5 absolute tolerance."""
     rtol: float = 1e-5
     """dopri5 relative tolerance."""
-    cfg_scale: float = 1.5
+    cfg_scale: float = 2.0
     """Classifier-free guidance scale: 1 is the plain conditional velocity, 0 unconditional."""
-    guidance_interval: Optional[List[float]] = None
+    guidance_interval: Optional[List[float]] = field(default_factory=lambda: [0.2, 1.0])
     """[t_lo, t_hi]: guide only for t in this range, plain conditional elsewhere
     (Kynkäänniemi et al. 2024); None guides the whole path."""
     grid_per_class: int = 8
@@ -467,6 +467,11 @@ class ExperimentConfig:
                 f"sampler.solver {self.sampler.solver} with flow.objective {self.flow.objective}: a meanflow model "
                 "samples in jumps (sampler.solver: meanflow, steps 1 or 2), a cfm model with an ODE solver "
                 "(euler, heun, ...); set the two together"
+            )
+        if self.flow.objective == "meanflow" and self.sampler.guidance_interval is not None:
+            raise ConfigError(
+                f"sampler.guidance_interval {self.sampler.guidance_interval} is for ODE solvers: a meanflow model has "
+                "its guidance built into the jump; set sampler.guidance_interval=null"
             )
         g, scale = self.flow.guidance_range, self.sampler.cfg_scale
         if g is not None and self.flow.objective != "meanflow":

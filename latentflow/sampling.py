@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 _DEFAULTS = SamplerConfig()  # the one place sampler defaults live
+_INTERVAL = tuple(_DEFAULTS.guidance_interval) if _DEFAULTS.guidance_interval else None  # immutable, as a default
 
 # What the pipeline's keywords call each setting; commands pass their flags' names instead,
 # so that an error names what the caller typed.
@@ -60,7 +61,7 @@ class SamplerSettings:
     solver: str = _DEFAULTS.solver
     steps: int = _DEFAULTS.steps
     cfg_scale: float = _DEFAULTS.cfg_scale
-    guidance_interval: Optional[List[float]] = _DEFAULTS.guidance_interval
+    guidance_interval: Optional[Sequence[float]] = _INTERVAL
     atol: float = _DEFAULTS.atol
     rtol: float = _DEFAULTS.rtol
     objective: str = "cfm"  # what the model was trained for (not a choice): which solvers fit it
@@ -281,7 +282,7 @@ def sample_images(
     solver: str = _DEFAULTS.solver,
     steps: int = _DEFAULTS.steps,
     cfg_scale: float = _DEFAULTS.cfg_scale,
-    guidance_interval: Optional[Sequence[float]] = _DEFAULTS.guidance_interval,
+    guidance_interval: Optional[Sequence[float]] = _INTERVAL,
     atol: float = _DEFAULTS.atol,
     rtol: float = _DEFAULTS.rtol,
     seed: int = 0,

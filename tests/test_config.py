@@ -139,6 +139,12 @@ def test_an_average_velocity_objective_goes_with_jumps_and_its_settings_are_chec
         load_config("meanflow", ["flow.guidance_range=[2, 1]"])
     with pytest.raises(ConfigError, match=r"sampler.cfg_scale 3 lies outside flow.guidance_range \[1.0, 2.0\]"):
         load_config("meanflow", ["flow.guidance_range=[1, 2]", "sampler.cfg_scale=3"])
+    assert load_config("meanflow").sampler.guidance_interval is None
+    with pytest.raises(
+        ConfigError,
+        match=r"sampler.guidance_interval \[0.2, 1.0\] is for ODE solvers.*set sampler.guidance_interval=null",
+    ):
+        load_config("default", ["flow.objective=meanflow", "sampler.solver=meanflow"])  # before training, not at a grid
 
 
 def test_a_tolerance_the_sampler_would_refuse_is_refused_before_training():

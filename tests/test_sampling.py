@@ -105,7 +105,7 @@ def test_a_jumping_model_takes_only_jumps_and_its_own_guidance():
     from latentflow.errors import LatentflowError
     from latentflow.sampling import SamplerSettings
 
-    jumper = SamplerSettings(solver="meanflow", steps=1, cfg_scale=1.5, objective="meanflow")
+    jumper = SamplerSettings(solver="meanflow", steps=1, cfg_scale=1.5, guidance_interval=None, objective="meanflow")
     assert SamplerSettings.resolve(jumper, steps=2).steps == 2
     assert SamplerSettings.resolve(jumper, cfg_scale=1.5).cfg_scale == 1.5
     assert SamplerSettings.resolve(jumper, cfg_scale=0).cfg_scale == 0  # unconditional: allowed
@@ -115,7 +115,9 @@ def test_a_jumping_model_takes_only_jumps_and_its_own_guidance():
         SamplerSettings.resolve(jumper, cfg_scale=3.0)
     with pytest.raises(LatentflowError, match="solver 'meanflow': meanflow jumps need a model trained with"):
         SamplerSettings.resolve(SamplerSettings(), solver="meanflow")  # a cfm model keeps every ODE solver
-    learnt = SamplerSettings(solver="meanflow", steps=1, cfg_scale=1.5, objective="meanflow", guidance_range=[1, 2.5])
+    learnt = SamplerSettings(
+        solver="meanflow", steps=1, cfg_scale=1.5, guidance_interval=None, objective="meanflow", guidance_range=[1, 2.5]
+    )
     assert [SamplerSettings.resolve(learnt, cfg_scale=s).cfg_scale for s in (1, 2.5, 0)] == [1, 2.5, 0]
     with pytest.raises(
         LatentflowError, match=r"--cfg-scale 3.0: this model learnt guidance scales from 1 to 2.5 \(flow"

@@ -25,7 +25,7 @@ def test_evaluate_reports_fd_accuracy_and_settings(smoke_run):
         "2",
     )
     assert "FD " in proc.stdout and "accuracy" in proc.stdout
-    report = json.loads((run_dir / "eval" / "heun-2-cfg2-n40-seed0.json").read_text())
+    report = json.loads((run_dir / "eval" / "heun-2-cfg2-int0.2-1-n40-seed0.json").read_text())
     assert report["settings"]["nfe"] == 4 and report["settings"]["num_samples"] == 40
     assert report["settings"]["cfg_scale"] == 2 and 0 <= report["accuracy"] <= 1
     test = report["references"]["mnist-test"]
@@ -37,12 +37,14 @@ def test_evaluate_reports_fd_accuracy_and_settings(smoke_run):
     # the same samples scored by another feature net: a report of its own, the first one kept
     other = ("evaluate", "--checkpoint", run_dir / "export", "--num-samples", "40", "--solver", "heun")
     run_main(*other, "--steps", "2", "--cfg-scale", "2", "--feature-net", "digits-pooled")
-    pooled = json.loads((run_dir / "eval" / "heun-2-cfg2-n40-seed0-digits-pooled.json").read_text())
+    pooled = json.loads((run_dir / "eval" / "heun-2-cfg2-int0.2-1-n40-seed0-digits-pooled.json").read_text())
     assert pooled["feature_net"] != report["feature_net"]
-    assert json.loads((run_dir / "eval" / "heun-2-cfg2-n40-seed0.json").read_text()) == report
+    assert json.loads((run_dir / "eval" / "heun-2-cfg2-int0.2-1-n40-seed0.json").read_text()) == report
     again = run_main(*other, "--steps", "2", "--cfg-scale", "2", check=False)  # an earlier report is kept
     assert again.returncode == 2 and len(again.stderr.splitlines()) == 1
-    assert "heun-2-cfg2-n40-seed0.json already exists; choose another --out or pass --overwrite" in again.stderr
+    assert (
+        "heun-2-cfg2-int0.2-1-n40-seed0.json already exists; choose another --out or pass --overwrite" in again.stderr
+    )
 
 
 def test_a_default_report_is_named_by_everything_that_changes_its_scores():

@@ -63,9 +63,9 @@ def test_sample_writes_under_the_run_by_default(smoke_run, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing in the current directory
     written = sorted(p.name for p in (run_dir / "samples").iterdir())
     assert written == [
-        "euler-2-cfg1.5-n4-seed0.npz",
-        "euler-2-cfg1.5-n4-seed0.png",
-        "euler-2-cfg1.5-n4-seed0_trajectory.png",
+        "euler-2-cfg2-int0.2-1-n4-seed0.npz",
+        "euler-2-cfg2-int0.2-1-n4-seed0.png",
+        "euler-2-cfg2-int0.2-1-n4-seed0_trajectory.png",
     ], proc.stdout
 
 

@@ -17,7 +17,10 @@ def test_the_error_shrinks_with_steps_at_the_solvers_order(tiny_vae_dir):
             p.add_(0.02 * torch.randn_like(p))  # a gently curved field, not the zero one of a fresh model
     pipe = pipeline_from_parts(model.eval(), FrozenVAE.from_pretrained(str(tiny_vae_dir)), ExperimentConfig())
     labels = [i % 10 for i in range(20)]
-    reference, nfe = converged_latents(pipe, labels, 20, seed=3, cfg_scale=1.5)
+    s = pipe.sampler_settings  # the default's guidance: 2, from t = 0.2
+    reference, nfe = converged_latents(
+        pipe, labels, 20, seed=3, cfg_scale=s.cfg_scale, guidance_interval=s.guidance_interval
+    )
     assert nfe > 20 and reference.shape == (20, 4, 8, 8)
     errors = {}
     for steps in (4, 8, 16):

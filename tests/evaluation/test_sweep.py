@@ -21,12 +21,12 @@ def test_a_small_sweep_writes_its_figure_table_and_points(smoke_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     points = json.loads(out.with_suffix(".json").read_text())["points"]
     assert [(p["sweep"], p["solver"], p["nfe"], p["cfg_scale"], p["interval"]) for p in points] == [
-        ("solver", "euler", 1, 1.5, [0.3, 1.0]),  # --guidance-interval: the solver sweep's
-        ("solver", "euler", 4, 1.5, [0.3, 1.0]),
+        ("solver", "euler", 1, 2.0, [0.3, 1.0]),  # --guidance-interval: the solver sweep's
+        ("solver", "euler", 4, 2.0, [0.3, 1.0]),
         ("guidance", "euler", 2, 1.0, None),  # no guidance: no interval to vary
         ("guidance", "euler", 2, 2.0, None),
         ("guidance", "euler", 2, 2.0, [0.2, 1.0]),
-    ]  # the smoke export samples with euler 2 at guidance 1.5
+    ]  # the smoke export samples with euler 2 at guidance 2 (from t = 0.2, the default's)
     assert points[3]["fd"] != points[4]["fd"]  # the interval reached the sampler
     solver_rows, guidance_rows = points[:2], points[2:]
     assert solver_rows[0]["latent_rms_error"] > solver_rows[1]["latent_rms_error"] > 0

@@ -89,6 +89,7 @@ MEANFLOW = (
     "flow.guidance_range=[1, 2.5]",  # guidance as an input, as the experiment has it
     "flow.derivative=difference",  # and its derivative
     "sampler.cfg_scale=2",
+    "sampler.guidance_interval=null",  # the default's interval is for ODE solvers
 )
 
 
