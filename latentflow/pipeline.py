@@ -2,7 +2,7 @@
 
     from latentflow import LatentFlowPipeline
     pipe = LatentFlowPipeline.from_pretrained("runs/default-.../export")
-    out = pipe(class_labels=[3, 7], num_inference_steps=4, guidance_scale=1.5,
+    out = pipe(class_labels=[3, 7], num_inference_steps=4, guidance_scale=2.0,
                generator=torch.Generator().manual_seed(0))
     out.images  # PIL images
 
