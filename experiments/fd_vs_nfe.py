@@ -124,12 +124,9 @@ def parse_grid(text: str):
     return grid
 
 
-def parse_intervals(text: str, flag: str = "--intervals"):
-    """``"all"`` -> INTERVALS, ``"none"`` -> the whole path only, ``"0.2-1,0.3-0.9"`` -> the whole
-    path and those two."""
-    if text in ("all", "none"):
-        return INTERVALS if text == "all" else [None]
-    intervals = [None]
+def parse_intervals(text: str, flag: str):
+    """``"0.2-1,0.3-0.9"`` -> [(0.2, 1.0), (0.3, 0.9)], each checked."""
+    intervals = []
     for item in text.split(","):
         lo, _, hi = item.partition("-")
         try:
@@ -267,7 +264,10 @@ def main() -> None:
         scales = [float(v) for v in args.scales.split(",")] if args.scales else GUIDANCE_GRID
     except ValueError:
         sys.exit(f"error: --scales {args.scales!r} is not a comma-separated list of numbers")
-    intervals = parse_intervals(args.intervals)
+    if args.intervals in ("all", "none"):
+        intervals = INTERVALS if args.intervals == "all" else [None]
+    else:
+        intervals = [None, *parse_intervals(args.intervals, "--intervals")]  # the whole path first
     if args.out is None:
         from latentflow.runs import new_run_dir
 
@@ -294,15 +294,13 @@ def main() -> None:
     scale = c.guidance_scale if args.cfg_scale is None else args.cfg_scale
     solver, steps = args.solver or c.solver, args.steps or c.num_inference_steps
     interval = c.guidance_interval
-    if args.guidance_interval is not None:
-        given = (
-            [None]
-            if args.guidance_interval == "none"
-            else parse_intervals(args.guidance_interval, "--guidance-interval")
-        )
-        if len(given) > 2:
+    if args.guidance_interval == "none":
+        interval = None
+    elif args.guidance_interval is not None:
+        given = parse_intervals(args.guidance_interval, "--guidance-interval")
+        if len(given) > 1:
             sys.exit(f"error: --guidance-interval {args.guidance_interval!r} is more than one interval")
-        interval = given[-1]
+        interval = given[0]
     if args.only != "guidance":
         for s_name, settings in grid.items():
             for setting in settings:
